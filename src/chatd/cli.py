@@ -1,0 +1,124 @@
+"""The ``chatd`` command line.
+
+``chatd serve`` runs a node; the other commands act on a node's data folder
+directly (the admin socket of a running node comes later). Every option of
+``serve`` also reads ``CHATD_*`` and the TOML file given by ``--config``.
+Output meant for scripts (an id, a token) is printed alone on stdout; errors go
+to stderr with exit status 1 (2 for bad usage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from chatd import __version__, auth
+from chatd.config import Config, load
+from chatd.errors import ChatdError
+from chatd.store import Store
+
+
+def _config_flags(p: argparse.ArgumentParser, serving: bool) -> None:
+    p.add_argument("--config", metavar="FILE", help="TOML config file (env CHATD_CONFIG)")
+    p.add_argument("--data-dir", metavar="DIR", help="data folder (env CHATD_DATA_DIR)")
+    if serving:
+        p.add_argument("--host", help="address to listen on (env CHATD_HOST)")
+        p.add_argument(
+            "--chat-port",
+            type=int,
+            metavar="PORT",
+            help="websocket port, 0 for any free one (env CHATD_CHAT_PORT)",
+        )
+        p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chatd", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"chatd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    _config_flags(sub.add_parser("serve", help="run the server"), True)
+    _config_flags(sub.add_parser("check-config", help="validate the configuration"), True)
+
+    user = sub.add_parser("user", help="manage users").add_subparsers(dest="action", required=True)
+    add = user.add_parser("add", help="create a user; prints its id")
+    add.add_argument("--mobile", required=True)
+    add.add_argument("--password", required=True)
+    add.add_argument("--nickname", default="")
+    _config_flags(add, False)
+
+    token = sub.add_parser("token", help="print a token for a user")
+    token.add_argument("uid", type=int)
+    token.add_argument("--ttl", type=int, metavar="SECONDS", help="lifetime (default: config)")
+    _config_flags(token, False)
+
+    group = sub.add_parser("group", help="manage groups").add_subparsers(
+        dest="action", required=True
+    )
+    gadd = group.add_parser("add", help="create a group; prints its id")
+    gadd.add_argument("name")
+    gadd.add_argument("--owner", type=int, required=True)
+    _config_flags(gadd, False)
+    join = group.add_parser("join", help="add a user to a group")
+    join.add_argument("gid", type=int)
+    join.add_argument("uid", type=int)
+    _config_flags(join, False)
+    return parser
+
+
+def _config(args: argparse.Namespace) -> Config:
+    flags = {k: getattr(args, k, None) for k in ("data_dir", "host", "chat_port", "log_level")}
+    return load(args.config, flags=flags)
+
+
+def _with_store(cfg: Config, action: Callable[[Store], Awaitable[Any]]) -> Any:
+    async def go() -> Any:
+        store = await Store.open(cfg.db_path, synchronous=cfg.db_synchronous)
+        try:
+            return await action(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(go())
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    if args.command == "serve":
+        from chatd.server import serve
+
+        return serve(cfg)
+    if args.command == "check-config":
+        print(f"config ok: chat on {cfg.host}:{cfg.chat_port}, data in {cfg.data_dir}")
+        return 0
+    if args.command == "user":
+        if not args.mobile.strip() or not args.password:
+            raise ChatdError("mobile and password must not be empty")
+        hashed = auth.hash_password(args.password)
+        print(_with_store(cfg, lambda s: s.create_user(args.mobile, hashed, args.nickname)))
+        return 0
+    if args.command == "token":
+        cfg.data_path.mkdir(parents=True, exist_ok=True)
+        secret = auth.load_or_create_secret(cfg.data_path)
+        version = _with_store(cfg, lambda s: s.token_version(args.uid))
+        print(auth.issue_token(secret, args.uid, version, args.ttl or cfg.token_ttl_s))
+        return 0
+    if args.action == "add":
+        print(_with_store(cfg, lambda s: s.create_group(args.name, args.owner)))
+        return 0
+    _with_store(cfg, lambda s: s.join_group(args.gid, args.uid))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except ChatdError as exc:
+        print(f"chatd: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,48 @@
+"""Exceptions raised by chatd.
+
+The tree::
+
+    ChatdError                 root of everything chatd raises on purpose
+    ├── ConfigError            bad configuration (flag, environment, TOML file)
+    ├── StoreError             the database is missing, newer than us, or broken
+    │   └── NotFoundError      a user, group or row that the caller named is absent
+    ├── AuthError              a token or password that does not check out
+    └── FrameError             a client sent a frame we cannot act on; carries the
+                               error code and reason for the cmd-5 error frame
+
+A client's fault (``FrameError``, ``AuthError``) becomes an error frame, an HTTP
+status or a close code and is not logged as our error. Anything else that
+escapes a handler is our bug and is logged with its traceback.
+"""
+
+from __future__ import annotations
+
+
+class ChatdError(Exception):
+    """Root of the errors chatd raises on purpose."""
+
+
+class ConfigError(ChatdError):
+    """The configuration is invalid; the message says which key and why."""
+
+
+class StoreError(ChatdError):
+    """The store cannot do what was asked."""
+
+
+class NotFoundError(StoreError):
+    """A named user, group or row does not exist."""
+
+
+class AuthError(ChatdError):
+    """A token or password was refused."""
+
+
+class FrameError(ChatdError):
+    """A client frame that is refused, answered with a cmd-5 error frame."""
+
+    def __init__(self, code: int, reason: str, cid: str = "") -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+        self.cid = cid

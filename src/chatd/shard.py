@@ -1,0 +1,510 @@
+"""A shard: the picows websocket server of one process, and its connections.
+
+The listener factory (``Shard.route``) is the router of the handshake:
+``/chat`` authenticates the token and returns a ``Conn``; ``/healthz`` answers a
+small 200; anything else 404. It also mends what picows refuses although
+RFC 6455 allows it (``Connection: keep-alive, Upgrade``, as Firefox sends it).
+
+``Conn.on_ws_frame`` decodes and validates each frame at once (a frame is only
+valid inside the callback), then: heartbeats and enter/leave act on the spot;
+cmd 10/11 go to the store's group-commit queue (the router delivers them after
+the commit); cmd 4 starts a replay from the store. Nothing on this path awaits
+per recipient.
+
+Liveness is one shard-wide sweep: each frame stamps the connection with the
+shard's current tick; the sweep advances the tick, pings connections silent
+for 3 ticks and closes those silent for 5 (a tick is idle_timeout / 5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+import time
+from typing import Any, Final
+from urllib.parse import parse_qs
+
+import cachetools
+from picows import (
+    WSCloseCode,
+    WSListener,
+    WSMsgType,
+    WSUpgradeRequest,
+    WSUpgradeResponse,
+    WSUpgradeResponseWithListener,
+    ws_create_server,
+)
+
+from chatd.auth import TokenChecker
+from chatd.config import Config
+from chatd.errors import AuthError, FrameError
+from chatd.registry import STRIPES, Registry
+from chatd.router import CLOSING, LIVE, SYNCING, Router
+from chatd.session import RateLimiter, add_fragment
+from chatd.store import Store
+from chatd.wire import (
+    CLOSE_GOING_AWAY,
+    CLOSE_IDLE,
+    CLOSE_RATE_LIMITED,
+    CLOSE_SLOW_CONSUMER,
+    CLOSE_TOO_BIG,
+    CMD_GROUP,
+    CMD_GROUP_ENTER,
+    CMD_GROUP_LEAVE,
+    CMD_PRIVATE,
+    CMD_SYNC,
+    ERR_BUSY,
+    ERR_CONFLICT,
+    ERR_FORBIDDEN,
+    ERR_SERVER,
+    Message,
+    decode_json,
+    decode_msgpack,
+    encode_json,
+    encode_msgpack,
+    error_frame,
+)
+
+log = logging.getLogger("chatd.shard")
+
+TEXT: Final = WSMsgType.TEXT
+BINARY: Final = WSMsgType.BINARY
+CONTINUATION: Final = WSMsgType.CONTINUATION
+CLOSE: Final = WSMsgType.CLOSE
+
+PING_AFTER_TICKS: Final = 3
+IDLE_AFTER_TICKS: Final = 5
+ABORT_CLOSING_AFTER_TICKS: Final = 2
+#: a replay waits for the client to read once this much is unsent
+SYNC_HIGH_WATER_BYTES: Final = 65_536
+_NO_GROUPS: Final[frozenset[int]] = frozenset()
+_monotonic = time.monotonic
+
+
+def _json_response(
+    status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> WSUpgradeResponseWithListener:
+    data = json.dumps(body).encode()
+    extra = {"Content-Type": "application/json", "Cache-Control": "no-store", **(headers or {})}
+    if status < 400:
+        response = WSUpgradeResponse.create_ok_response(data, extra)
+    else:
+        response = WSUpgradeResponse.create_error_response(status, data, extra)
+    return WSUpgradeResponseWithListener(response, None)
+
+
+def mend_upgrade_headers(request: WSUpgradeRequest) -> None:
+    """Make an RFC 6455 handshake that picows would refuse acceptable to it.
+
+    RFC 6455 §4.2.1 asks for a ``Connection`` header *containing* the token
+    "Upgrade" (case-insensitive) and an ``Upgrade`` header containing
+    "websocket"; picows 2.3 accepts only the exact values. Browsers send e.g.
+    ``Connection: keep-alive, Upgrade`` (Firefox).
+    """
+    headers = request.headers
+    connection = headers.get("connection")
+    if connection is not None and any(
+        token.strip().lower() == "upgrade" for token in connection.split(",")
+    ):
+        headers["Connection"] = "upgrade"
+    upgrade = headers.get("upgrade")
+    if upgrade is not None and any(
+        token.strip().lower() == "websocket" for token in upgrade.split(",")
+    ):
+        headers["Upgrade"] = "websocket"
+
+
+class Conn(WSListener):  # type: ignore[misc]
+    """One websocket connection of an authenticated user."""
+
+    __slots__ = (
+        "shard",
+        "uid",
+        "tr",
+        "binary",
+        "state",
+        "groups",
+        "tick",
+        "tokens",
+        "stamp",
+        "frag",
+        "frag_binary",
+        "held",
+        "waiting",
+        "live_from",
+        "closed_tick",
+        "writable",
+    )
+
+    def __init__(self, shard: Shard, uid: int) -> None:
+        self.shard = shard
+        self.uid = uid
+        self.tr: Any = None
+        self.binary = False
+        self.state = LIVE
+        self.groups: frozenset[int] = _NO_GROUPS
+        self.tick = shard.tick
+        self.tokens = 0.0
+        self.stamp = 0.0
+        self.frag: bytearray | None = None
+        self.frag_binary = False
+        self.held: list[Message] | None = None
+        self.waiting: list[Message] | None = None
+        self.live_from = 0
+        self.closed_tick = 0
+        self.writable: asyncio.Future[None] | None = None
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    def on_ws_connected(self, transport: Any) -> None:
+        shard = self.shard
+        self.tr = transport
+        transport.underlying_transport.set_write_buffer_limits(high=shard.cfg.slow_consumer_bytes)
+        if shard.limiter is not None:
+            shard.limiter.start(self, _monotonic())
+        groups = shard.group_cache.get(self.uid)
+        if groups is not None:
+            self._register(groups)
+        else:
+            # frames that arrive before the groups are known wait for them
+            self.waiting = []
+            shard.spawn(self._load_groups())
+
+    async def _load_groups(self) -> None:
+        shard = self.shard
+        try:
+            groups = await shard.store.user_groups(self.uid)
+        except (sqlite3.Error, ValueError) as exc:
+            log.error("loading groups of user %d failed: %s", self.uid, exc)
+            self.close(WSCloseCode.INTERNAL_ERROR, "server error")
+            return
+        shard.group_cache[self.uid] = groups
+        if self.state == CLOSING:
+            return
+        self._register(groups)
+        waiting, self.waiting = self.waiting, None
+        for msg in waiting or ():
+            self.handle(msg)
+
+    def _register(self, groups: frozenset[int]) -> None:
+        self.groups = groups
+        registry = self.shard.registry
+        registry.add(self)
+        for gid in groups:
+            registry.join(self, gid)
+
+    def on_ws_disconnected(self, transport: Any) -> None:
+        self.state = CLOSING
+        self.shard.registry.remove(self)
+        if self.writable is not None and not self.writable.done():
+            self.writable.set_result(None)
+
+    def close(self, code: int, reason: str) -> None:
+        """Send a close frame and disconnect once it is written (the sweep
+        aborts the connection if the peer does not read it)."""
+        if self.state == CLOSING:
+            return
+        self.state = CLOSING
+        self.closed_tick = self.shard.tick
+        self.tr.send_close(code, reason.encode())
+        self.tr.disconnect()
+
+    def pause_writing(self) -> None:
+        if self.state == SYNCING:
+            # a replay waits for the client to read; live traffic does not
+            if self.writable is None or self.writable.done():
+                self.writable = asyncio.get_running_loop().create_future()
+            return
+        self.close(CLOSE_SLOW_CONSUMER, "slow consumer")
+
+    def resume_writing(self) -> None:
+        if self.writable is not None and not self.writable.done():
+            self.writable.set_result(None)
+
+    # --- frames in ------------------------------------------------------------------
+
+    def on_ws_frame(self, transport: Any, frame: Any) -> None:
+        shard = self.shard
+        self.tick = shard.tick
+        kind = frame.msg_type
+        if kind is TEXT or kind is BINARY:
+            binary = kind is BINARY
+            if not frame.fin:
+                self._fragment(frame, True, binary)
+                return
+            data = frame.get_payload_as_memoryview()
+        elif kind is CONTINUATION:
+            data = self._fragment(frame, False, self.frag_binary)
+            if data is None:
+                return
+            binary = self.frag_binary
+        elif kind is CLOSE:
+            self.state = CLOSING
+            self.closed_tick = shard.tick
+            code = frame.get_close_code()
+            transport.send_close(code if code != WSCloseCode.NO_INFO else WSCloseCode.OK)
+            transport.disconnect()
+            return
+        else:
+            return  # ping (picows answers it) or pong: only liveness matters
+        limiter = shard.limiter
+        if limiter is not None and not limiter.allow(self, _monotonic()):
+            self.close(CLOSE_RATE_LIMITED, "rate limited")
+            return
+        self.binary = binary
+        try:
+            msg = decode_msgpack(data) if binary else decode_json(data)
+        except FrameError as exc:
+            self.send_msg(error_frame(exc))
+            return
+        if self.waiting is not None:
+            self.waiting.append(msg)
+        else:
+            self.handle(msg)
+
+    def _fragment(self, frame: Any, first: bool, binary: bool) -> bytes | None:
+        if first:
+            self.frag_binary = binary
+        try:
+            return add_fragment(
+                self, frame.get_payload_as_bytes(), frame.fin, first, self.shard.cfg.max_frame_bytes
+            )
+        except FrameError:
+            self.close(CLOSE_TOO_BIG, "message too big")
+        except ValueError as exc:
+            self.close(WSCloseCode.PROTOCOL_ERROR, str(exc))
+        return None
+
+    def handle(self, msg: Message) -> None:
+        """Act on one valid client frame."""
+        cmd = msg.cmd
+        if cmd in (CMD_PRIVATE, CMD_GROUP):
+            if cmd == CMD_GROUP and msg.dstid not in self.groups:
+                self.send_error(ERR_FORBIDDEN, f"not a member of group {msg.dstid}", msg.cid)
+                return
+            msg.userid = self.uid  # never trust the client's userid
+            msg.id = msg.ts = 0
+            shard = self.shard
+            if shard.draining or not shard.store.submit(msg, self):
+                self.send_error(ERR_BUSY, "server busy, retry later", msg.cid)
+        elif cmd == CMD_SYNC:
+            if self.state == SYNCING:
+                self.send_error(ERR_CONFLICT, "a sync is already running", msg.cid)
+            else:
+                self.state = SYNCING
+                self.held = []
+                self.shard.spawn(self._sync(msg.id))
+        elif cmd == CMD_GROUP_ENTER:
+            if msg.dstid not in self.groups:
+                self.send_error(ERR_FORBIDDEN, f"not a member of group {msg.dstid}", msg.cid)
+            else:
+                self.shard.registry.join(self, msg.dstid)
+        elif cmd == CMD_GROUP_LEAVE:
+            self.shard.registry.leave(self, msg.dstid)
+            # group messages now skip this connection: a replay must not assume
+            # that everything from live_from on went out live
+            self.live_from = -1
+        # CMD_HEARTBEAT: receiving it was the point
+
+    # --- frames out -----------------------------------------------------------------
+
+    def send_msg(self, msg: Message) -> None:
+        if self.binary:
+            self.tr.send(BINARY, encode_msgpack(msg))
+        else:
+            self.tr.send(TEXT, encode_json(msg))
+
+    def send_error(self, code: int, reason: str, cid: str = "") -> None:
+        self.send_msg(error_frame(FrameError(code, reason, cid)))
+
+    async def _sync(self, after: int) -> None:
+        """Replay what the client missed since ``after``, then answer cmd 4."""
+        shard = self.shard
+        page_size = shard.cfg.sync_page
+        # everything for this connection from live_from on was already sent on it
+        before = self.live_from if self.live_from > 0 else 1 << 62
+        last = after
+        try:
+            while True:
+                page = await shard.store.sync_page(self.uid, last, before, page_size)
+                if self.state == CLOSING:
+                    return
+                for msg in page:
+                    self.send_msg(msg)
+                if page:
+                    last = page[-1].id
+                if len(page) < page_size:
+                    break
+                if self.tr.underlying_transport.get_write_buffer_size() > SYNC_HIGH_WATER_BYTES:
+                    if self.writable is None or self.writable.done():
+                        self.writable = asyncio.get_running_loop().create_future()
+                    await self.writable
+                    if self.state == CLOSING:
+                        return
+        except (sqlite3.Error, ValueError) as exc:
+            log.error("sync for user %d failed: %s", self.uid, exc)
+            self.send_error(ERR_SERVER, "sync failed, retry")
+            self._end_sync(last)
+            return
+        self._end_sync(last)
+        self.send_msg(Message(cmd=CMD_SYNC, id=max(last, self.live_from, 0)))
+
+    def _end_sync(self, last: int) -> None:
+        held, self.held = self.held or [], None
+        if self.state == CLOSING:
+            return
+        self.state = LIVE
+        for msg in held:
+            if msg.id > last:
+                self.send_msg(msg)
+                last = msg.id
+                if not self.live_from:
+                    self.live_from = msg.id
+
+
+class Shard:
+    """One process's websocket server, registry, router and store writer."""
+
+    def __init__(self, cfg: Config, store: Store, checker: TokenChecker) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.checker = checker
+        self.registry = Registry(cfg.max_conns)
+        self.router = Router(self.registry)
+        self.limiter = RateLimiter(cfg.rate_per_s, cfg.rate_burst) if cfg.rate_limit else None
+        self.group_cache: cachetools.TTLCache[int, frozenset[int]] = cachetools.TTLCache(
+            maxsize=200_000, ttl=30
+        )
+        self.tick = 1
+        self.draining = False
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Any) -> None:
+        """Run ``coro`` as a task that is kept alive and whose errors are logged."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task failed", exc_info=task.exception())
+
+    async def start(self, sock: Any = None) -> None:
+        """Listen on the chat port (SO_REUSEPORT) and start the writer and sweep."""
+        cfg = self.cfg
+        self.store.start_writer(self.router.on_commit)
+        kwargs: dict[str, Any] = (
+            {"sock": sock}
+            if sock is not None
+            else {"host": cfg.host, "port": cfg.chat_port, "reuse_port": True}
+        )
+        self._server = await ws_create_server(
+            self.route,
+            backlog=4096,
+            max_frame_size=cfg.max_frame_bytes,
+            read_buffer_init_size=1024,
+            use_aiofastnet=False,
+            enable_auto_pong=True,
+            websocket_handshake_timeout=10,
+            logger_name="chatd.ws",
+            **kwargs,
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        self.spawn(self._sweep())
+
+    # --- handshake ------------------------------------------------------------------
+
+    def route(self, request: WSUpgradeRequest) -> Any:
+        """picows listener factory: the router of the HTTP handshake."""
+        path, _, query = request.path.partition(b"?")
+        if path == b"/chat":
+            return self._chat(request, query)
+        if path == b"/healthz":
+            return _json_response(
+                200,
+                {
+                    "status": "draining" if self.draining else "ok",
+                    "connections": self.registry.count,
+                },
+            )
+        return _json_response(404, {"error": "not found"})
+
+    def _chat(self, request: WSUpgradeRequest, query: bytes) -> Any:
+        try:
+            params = parse_qs(query.decode("latin-1"))
+            uid = int(params["id"][0])
+            token = params["token"][0]
+        except (KeyError, ValueError, IndexError):
+            return _json_response(401, {"error": "id and token are required"})
+        try:
+            self.checker.check(token, uid)
+        except (AuthError, ValueError) as exc:
+            log.debug("handshake refused for user %s: %s", uid, exc)
+            return _json_response(401, {"error": str(exc)})
+        if self.draining:
+            return _json_response(503, {"error": "server is shutting down"}, {"Retry-After": "1"})
+        if self.registry.full:
+            return _json_response(503, {"error": "shard is full"}, {"Retry-After": "1"})
+        mend_upgrade_headers(request)
+        return Conn(self, uid)
+
+    # --- liveness -------------------------------------------------------------------
+
+    async def _sweep(self) -> None:
+        period = self.cfg.idle_timeout_s / IDLE_AFTER_TICKS
+        registry = self.registry
+        while True:
+            await asyncio.sleep(period)
+            self.tick += 1
+            tick = self.tick
+            for index in range(STRIPES):
+                for conn in registry.stripe(index):
+                    if conn.state == CLOSING:
+                        if tick - conn.closed_tick >= ABORT_CLOSING_AFTER_TICKS:
+                            conn.tr.disconnect(False)
+                        continue
+                    silent = tick - conn.tick
+                    if silent >= IDLE_AFTER_TICKS:
+                        conn.close(CLOSE_IDLE, "idle timeout")
+                    elif silent >= PING_AFTER_TICKS:
+                        conn.tr.send_ping()
+                if index % 8 == 7:
+                    await asyncio.sleep(0)  # let traffic through on a big shard
+
+    # --- shutdown -------------------------------------------------------------------
+
+    async def drain(self, timeout_s: float) -> None:
+        """Stop accepting, commit what is queued, close every client with 1001.
+
+        Bounded by ``timeout_s``: connections still open then are aborted.
+        """
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        try:
+            await asyncio.wait_for(self.store.flush(), timeout_s * 0.8)
+        except TimeoutError:
+            log.error("drain: store did not flush %d queued messages in time", self.store.queued)
+        conns = list(self.registry)
+        for conn in conns:
+            conn.close(CLOSE_GOING_AWAY, "server going away")
+        waits = [c.tr.wait_disconnected() for c in conns]
+        remaining = max(0.1, deadline - asyncio.get_running_loop().time())
+        if waits:
+            _, pending = await asyncio.wait(
+                [asyncio.ensure_future(w) for w in waits], timeout=remaining
+            )
+            for conn in conns:
+                if not conn.tr.is_disconnected:
+                    conn.tr.disconnect(False)
+            for fut in pending:
+                fut.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,492 @@
+"""The store: one SQLite file in WAL mode, reached through aiosqlite.
+
+Two connections per process: a writer, which owns the group-commit queue for
+messages and the account/contact writes, and a reader for sync, history and
+look-ups (WAL lets it read while the writer commits).
+
+Group commit: ``submit`` queues a message without awaiting; one writer task
+takes whatever queued while the previous commit ran (up to ``batch_max``) and
+writes it in one ``BEGIN IMMEDIATE`` transaction. Ids are assigned inside that
+transaction from the table's max id, so ``id`` is the commit order, also when
+several processes share the file. ``(userid, cid)`` is unique: a retried frame
+gets the stored row's id back instead of a second row. Only once the commit
+returns is ``on_commit`` called with the outcome of each message, so nothing
+is acked or delivered before it is durable.
+
+Schema changes are numbered migrations applied in order at open
+(``PRAGMA user_version`` holds the number applied).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import aiosqlite
+import cachetools
+
+from chatd.errors import NotFoundError, StoreError
+from chatd.wire import CMD_GROUP, CMD_PRIVATE, Message
+
+log = logging.getLogger("chatd.store")
+
+MIGRATIONS: Final[tuple[str, ...]] = (
+    # 1: the seed's user / contact / community model, and messages
+    """
+    CREATE TABLE users (
+        id            INTEGER PRIMARY KEY,
+        mobile        TEXT    NOT NULL UNIQUE,
+        passwd        TEXT    NOT NULL,
+        nickname      TEXT    NOT NULL DEFAULT '',
+        avatar        TEXT    NOT NULL DEFAULT '',
+        sex           TEXT    NOT NULL DEFAULT 'U',
+        memo          TEXT    NOT NULL DEFAULT '',
+        token_version INTEGER NOT NULL DEFAULT 0,
+        banned        INTEGER NOT NULL DEFAULT 0,
+        created_ms    INTEGER NOT NULL
+    );
+    CREATE TABLE friends (
+        ownerid    INTEGER NOT NULL REFERENCES users(id),
+        dstid      INTEGER NOT NULL REFERENCES users(id),
+        memo       TEXT    NOT NULL DEFAULT '',
+        created_ms INTEGER NOT NULL,
+        PRIMARY KEY (ownerid, dstid)
+    ) WITHOUT ROWID;
+    CREATE TABLE communities (
+        id         INTEGER PRIMARY KEY,
+        name       TEXT    NOT NULL,
+        ownerid    INTEGER NOT NULL REFERENCES users(id),
+        icon       TEXT    NOT NULL DEFAULT '',
+        cate       INTEGER NOT NULL DEFAULT 0,
+        memo       TEXT    NOT NULL DEFAULT '',
+        created_ms INTEGER NOT NULL
+    );
+    CREATE TABLE members (
+        gid        INTEGER NOT NULL REFERENCES communities(id),
+        uid        INTEGER NOT NULL REFERENCES users(id),
+        joined_id  INTEGER NOT NULL DEFAULT 0,
+        created_ms INTEGER NOT NULL,
+        PRIMARY KEY (gid, uid)
+    ) WITHOUT ROWID;
+    CREATE INDEX members_uid ON members(uid, gid);
+    CREATE TABLE messages (
+        id      INTEGER PRIMARY KEY,
+        userid  INTEGER NOT NULL,
+        cmd     INTEGER NOT NULL,
+        dstid   INTEGER NOT NULL,
+        media   INTEGER NOT NULL DEFAULT 0,
+        content TEXT    NOT NULL DEFAULT '',
+        pic     TEXT    NOT NULL DEFAULT '',
+        url     TEXT    NOT NULL DEFAULT '',
+        memo    TEXT    NOT NULL DEFAULT '',
+        amount  INTEGER NOT NULL DEFAULT 0,
+        cid     TEXT,
+        ts      INTEGER NOT NULL
+    );
+    CREATE UNIQUE INDEX messages_cid ON messages(userid, cid) WHERE cid IS NOT NULL;
+    CREATE INDEX messages_from ON messages(userid, id);
+    CREATE INDEX messages_to ON messages(cmd, dstid, id);
+    """,
+)
+
+#: outcome of a submitted message, passed to ``on_commit``
+STORED: Final = 0  # new row; deliver it
+DUPLICATE: Final = 1  # same (userid, cid) was stored before; ack again, do not deliver
+NO_RECEIVER: Final = 2  # private message to a user that does not exist
+FAILED: Final = 3  # the transaction failed; nothing stored
+
+_MSG_COLUMNS: Final = "id, userid, cmd, dstid, media, content, pic, url, memo, amount, cid, ts"
+_INSERT_MESSAGE: Final = f"INSERT INTO messages ({_MSG_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+_SYNC_SQL: Final = f"""
+    SELECT {_MSG_COLUMNS} FROM messages
+     WHERE cmd = {CMD_PRIVATE} AND dstid = :uid AND id > :after AND id < :before
+    UNION ALL
+    SELECT {_MSG_COLUMNS} FROM messages
+     WHERE userid = :uid AND id > :after AND id < :before AND cmd = {CMD_PRIVATE} AND dstid != :uid
+    UNION ALL
+    SELECT m.id, m.userid, m.cmd, m.dstid, m.media, m.content, m.pic, m.url, m.memo,
+           m.amount, m.cid, m.ts
+      FROM members g JOIN messages m
+        ON m.cmd = {CMD_GROUP} AND m.dstid = g.gid AND m.id > max(:after, g.joined_id)
+       AND m.id < :before
+     WHERE g.uid = :uid
+    ORDER BY 1 LIMIT :limit
+"""
+
+Submitted = tuple[Message, Any]  # the message and whatever the caller needs back
+OnCommit = Callable[[list[tuple[Message, Any, int]]], None]
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def row_to_message(row: Sequence[Any]) -> Message:
+    """A ``Message`` from a messages row in ``_MSG_COLUMNS`` order."""
+    return Message(
+        id=row[0],
+        userid=row[1],
+        cmd=row[2],
+        dstid=row[3],
+        media=row[4],
+        content=row[5],
+        pic=row[6],
+        url=row[7],
+        memo=row[8],
+        amount=row[9],
+        cid=row[10] or "",
+        ts=row[11],
+    )
+
+
+class Store:
+    """The node's database. Open with ``await Store.open(...)``."""
+
+    def __init__(
+        self,
+        writer: aiosqlite.Connection,
+        reader: aiosqlite.Connection,
+        batch_max: int,
+        queue_max: int,
+    ) -> None:
+        self._w = writer
+        self._r = reader
+        self.batch_max = batch_max
+        self.queue_max = queue_max
+        self._queue: list[Submitted] = []
+        self._wake: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._on_commit: OnCommit | None = None
+        self._known_users: cachetools.LRUCache[int, bool] = cachetools.LRUCache(200_000)
+        self._busy = False
+        self._flushed: asyncio.Future[None] | None = None
+        self.batches = 0
+        self.committed = 0
+
+    # --- opening and closing ------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls,
+        path: Path,
+        *,
+        synchronous: str = "NORMAL",
+        batch_max: int = 2048,
+        queue_max: int = 100_000,
+    ) -> Store:
+        """Open (creating if needed) the database at ``path`` and migrate it."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writer = await aiosqlite.connect(path, isolation_level=None)
+        try:
+            await writer.execute("PRAGMA journal_mode=WAL")
+            await writer.execute(f"PRAGMA synchronous={synchronous.upper()}")
+            await writer.execute("PRAGMA busy_timeout=10000")
+            await writer.execute("PRAGMA foreign_keys=ON")
+            await _migrate(writer)
+            reader = await aiosqlite.connect(path, isolation_level=None)
+        except BaseException:
+            await writer.close()
+            raise
+        await reader.execute("PRAGMA busy_timeout=10000")
+        await reader.execute("PRAGMA query_only=ON")
+        return cls(writer, reader, batch_max, queue_max)
+
+    async def close(self) -> None:
+        """Stop the writer (after committing what is queued) and close."""
+        if self._task is not None:
+            await self.flush()
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        await self._r.close()
+        await self._w.close()
+
+    # --- group-commit writer ------------------------------------------------
+
+    def start_writer(self, on_commit: OnCommit) -> None:
+        """Start the writer task; ``on_commit`` gets each batch's outcomes."""
+        self._on_commit = on_commit
+        self._task = asyncio.get_running_loop().create_task(self._writer(), name="store-writer")
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def submit(self, msg: Message, ctx: Any) -> bool:
+        """Queue ``msg`` for the next commit; False if the queue is full."""
+        queue = self._queue
+        if len(queue) >= self.queue_max:
+            return False
+        queue.append((msg, ctx))
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+        return True
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far is committed (or failed)."""
+        while self._task is not None and (self._queue or self._busy):
+            if self._flushed is None or self._flushed.done():
+                self._flushed = asyncio.get_running_loop().create_future()
+            await self._flushed
+
+    async def _writer(self) -> None:
+        loop = asyncio.get_running_loop()
+        on_commit = self._on_commit
+        assert on_commit is not None
+        while True:
+            if not self._queue:
+                flushed = self._flushed
+                if flushed is not None and not flushed.done():
+                    flushed.set_result(None)
+                self._wake = loop.create_future()
+                await self._wake
+                self._wake = None
+            batch = self._queue[: self.batch_max]
+            del self._queue[: self.batch_max]
+            self._busy = True
+            try:
+                outcomes = await self._write_batch(batch)
+            except (sqlite3.Error, ValueError) as exc:
+                log.error("store: batch of %d failed: %s", len(batch), exc)
+                outcomes = [(m, ctx, FAILED) for m, ctx in batch]
+            finally:
+                self._busy = False
+            self.batches += 1
+            try:
+                on_commit(outcomes)
+            except Exception:
+                log.exception("delivering a committed batch failed")
+
+    async def _write_batch(self, batch: list[Submitted]) -> list[tuple[Message, Any, int]]:
+        db = self._w
+        # what the batch needs to know from the table: its max id, rows already
+        # stored under the same (userid, cid), and which private receivers exist
+        cids: dict[tuple[int, str], int] = {}
+        unknown_dst: set[int] = set()
+        known = self._known_users
+        for i, (msg, _) in enumerate(batch):
+            if msg.cid:
+                cids.setdefault((msg.userid, msg.cid), i)
+            if msg.cmd == CMD_PRIVATE and msg.dstid not in known:
+                unknown_dst.add(msg.dstid)
+        sql = ["SELECT 0, coalesce(max(id), 0), NULL, NULL FROM messages"]
+        params: list[Any] = []
+        if cids:
+            sql.append(
+                "SELECT 1, userid, cid, id || ':' || ts FROM messages WHERE cid IS NOT NULL AND "
+                f"(userid, cid) IN (VALUES {','.join(['(?,?)'] * len(cids))})"
+            )
+            for key in cids:
+                params.extend(key)
+        if unknown_dst:
+            marks = ",".join("?" * len(unknown_dst))
+            sql.append(f"SELECT 2, id, NULL, NULL FROM users WHERE id IN ({marks})")
+            params.extend(unknown_dst)
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            async with db.execute(" UNION ALL ".join(sql), params) as cur:
+                found = await cur.fetchall()
+            max_id = 0
+            stored: dict[tuple[int, str], tuple[int, int]] = {}
+            for kind, a, b, c in found:
+                if kind == 0:
+                    max_id = a
+                elif kind == 1:
+                    sid, sts = c.split(":")
+                    stored[(a, b)] = (int(sid), int(sts))
+                else:
+                    known[a] = True
+            ts = _now_ms()
+            rows: list[tuple[Any, ...]] = []
+            outcomes: list[tuple[Message, Any, int]] = []
+            for i, (msg, ctx) in enumerate(batch):
+                if msg.cid:
+                    key = (msg.userid, msg.cid)
+                    prior = stored.get(key)
+                    if prior is None and cids[key] != i:
+                        # same cid twice in this batch: the first one is the original
+                        first = batch[cids[key]][0]
+                        prior = (first.id, first.ts) if first.id else None
+                    if prior is not None:
+                        msg.id, msg.ts = prior
+                        outcomes.append((msg, ctx, DUPLICATE))
+                        continue
+                if msg.cmd == CMD_PRIVATE and msg.dstid not in known:
+                    outcomes.append((msg, ctx, NO_RECEIVER))
+                    continue
+                max_id += 1
+                msg.id = max_id
+                msg.ts = ts
+                rows.append(
+                    (
+                        max_id,
+                        msg.userid,
+                        msg.cmd,
+                        msg.dstid,
+                        msg.media,
+                        msg.content,
+                        msg.pic,
+                        msg.url,
+                        msg.memo,
+                        msg.amount,
+                        msg.cid or None,
+                        ts,
+                    )
+                )
+                outcomes.append((msg, ctx, STORED))
+            if rows:
+                await db.executemany(_INSERT_MESSAGE, rows)
+            await db.execute("COMMIT")
+        except BaseException:
+            for msg, _ in batch:
+                msg.id = msg.ts = 0
+            if db.in_transaction:
+                await db.execute("ROLLBACK")
+            raise
+        self.committed += len(rows)
+        return outcomes
+
+    # --- reads ----------------------------------------------------------------
+
+    async def sync_page(self, uid: int, after: int, before: int, limit: int) -> list[Message]:
+        """Messages for ``uid`` with ``after`` < id < ``before``, oldest first, at most ``limit``.
+
+        Private messages to or from the user, and group messages of the user's
+        groups sent after the user joined; nothing of anyone else's.
+        """
+        async with self._r.execute(
+            _SYNC_SQL, {"uid": uid, "after": after, "before": before, "limit": limit}
+        ) as cur:
+            return [row_to_message(r) for r in await cur.fetchall()]
+
+    async def user_groups(self, uid: int) -> frozenset[int]:
+        """Ids of the groups ``uid`` is a member of."""
+        async with self._r.execute("SELECT gid FROM members WHERE uid = ?", (uid,)) as cur:
+            return frozenset(r[0] for r in await cur.fetchall())
+
+    async def token_versions(self) -> dict[int, int]:
+        """uid -> token version, for every user who ever revoked tokens."""
+        async with self._r.execute(
+            "SELECT id, token_version FROM users WHERE token_version > 0"
+        ) as cur:
+            return {r[0]: r[1] for r in await cur.fetchall()}
+
+    async def token_version(self, uid: int) -> int:
+        """The current token version of ``uid``; ``NotFoundError`` if no such user."""
+        async with self._r.execute("SELECT token_version FROM users WHERE id = ?", (uid,)) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            raise NotFoundError(f"no user {uid}")
+        return int(row[0])
+
+    async def max_message_id(self) -> int:
+        async with self._r.execute("SELECT coalesce(max(id), 0) FROM messages") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def get_messages(self, ids: Sequence[int]) -> list[Message]:
+        """The stored messages with these ids, in id order."""
+        if not ids:
+            return []
+        sql = f"SELECT {_MSG_COLUMNS} FROM messages WHERE id IN ({','.join('?' * len(ids))})"
+        async with self._r.execute(sql + " ORDER BY id", list(ids)) as cur:
+            return [row_to_message(r) for r in await cur.fetchall()]
+
+    # --- accounts and groups (admin CLI now, HTTP API later) -------------------
+
+    async def create_user(
+        self, mobile: str, passwd_hash: str, nickname: str = "", avatar: str = "", sex: str = "U"
+    ) -> int:
+        """Insert a user; ``StoreError`` if the mobile number is taken."""
+        try:
+            cur = await self._w.execute(
+                "INSERT INTO users (mobile, passwd, nickname, avatar, sex, created_ms) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (mobile, passwd_hash, nickname, avatar, sex, _now_ms()),
+            )
+        except sqlite3.IntegrityError:
+            raise StoreError(f"mobile {mobile} is already registered") from None
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    async def create_group(
+        self, name: str, owner: int, icon: str = "", cate: int = 0, memo: str = ""
+    ) -> int:
+        """Create a group owned (and joined) by ``owner``; return its id."""
+        db = self._w
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            if not await _exists(db, "users", owner):
+                raise NotFoundError(f"no user {owner}")
+            cur = await db.execute(
+                "INSERT INTO communities (name, ownerid, icon, cate, memo, created_ms) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (name, owner, icon, cate, memo, _now_ms()),
+            )
+            gid = cur.lastrowid
+            assert gid is not None
+            await _join(db, gid, owner)
+            await db.execute("COMMIT")
+        except BaseException:
+            await db.execute("ROLLBACK")
+            raise
+        return gid
+
+    async def join_group(self, gid: int, uid: int) -> bool:
+        """Make ``uid`` a member of ``gid``; False if it already was."""
+        db = self._w
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            if not await _exists(db, "communities", gid):
+                raise NotFoundError(f"no group {gid}")
+            if not await _exists(db, "users", uid):
+                raise NotFoundError(f"no user {uid}")
+            added = await _join(db, gid, uid)
+            await db.execute("COMMIT")
+        except BaseException:
+            await db.execute("ROLLBACK")
+            raise
+        return added
+
+
+async def _exists(db: aiosqlite.Connection, table: str, row_id: int) -> bool:
+    async with db.execute(f"SELECT 1 FROM {table} WHERE id = ?", (row_id,)) as cur:
+        return await cur.fetchone() is not None
+
+
+async def _join(db: aiosqlite.Connection, gid: int, uid: int) -> bool:
+    # joined_id: a new member syncs the group's messages from here on, not its past
+    cur = await db.execute(
+        "INSERT OR IGNORE INTO members (gid, uid, joined_id, created_ms) "
+        "SELECT ?, ?, coalesce(max(id), 0), ? FROM messages",
+        (gid, uid, _now_ms()),
+    )
+    return cur.rowcount == 1
+
+
+async def _migrate(db: aiosqlite.Connection) -> None:
+    async with db.execute("PRAGMA user_version") as cur:
+        row = await cur.fetchone()
+    version = int(row[0]) if row else 0
+    if version > len(MIGRATIONS):
+        raise StoreError(
+            f"database schema {version} is newer than this chatd knows ({len(MIGRATIONS)})"
+        )
+    for number in range(version + 1, len(MIGRATIONS) + 1):
+        log.info("store: migrating schema to %d", number)
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in MIGRATIONS[number - 1].split(";"):
+                if statement.strip():
+                    await db.execute(statement)
+            await db.execute(f"PRAGMA user_version = {number}")
+            await db.execute("COMMIT")
+        except BaseException:
+            await db.execute("ROLLBACK")
+            raise
