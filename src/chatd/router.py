@@ -14,14 +14,19 @@ connection remembers the first id it was sent live (``live_from``): every later
 message for it went out live or was held, so a replay stops there (see
 ``shard.Conn``). The client sees everything in id order without duplicates. A
 connection that is closing gets nothing (it will sync on reconnect).
+
+Writes are coalesced per connection: everything one commit produces for a
+connection (acks, copies, errors) is framed and handed to its transport in one
+write, so a busy connection costs one send() per commit, not one per frame.
+The bytes of a copy are framed once and shared by all recipients.
 """
 
 from __future__ import annotations
 
+import struct
 from typing import Any, Final
 
-from picows import WSMsgType
-
+from chatd.errors import FrameError
 from chatd.registry import Registry
 from chatd.store import DUPLICATE, NO_RECEIVER, STORED
 from chatd.wire import (
@@ -32,15 +37,39 @@ from chatd.wire import (
     Message,
     encode_json,
     encode_msgpack,
+    error_frame,
 )
-
-TEXT: Final = WSMsgType.TEXT
-BINARY: Final = WSMsgType.BINARY
 
 # connection states (``Conn.state``)
 LIVE: Final = 0
 SYNCING: Final = 1
 CLOSING: Final = 2
+
+OP_TEXT: Final = 0x1
+OP_BINARY: Final = 0x2
+_pack_16 = struct.Struct("!BBH").pack
+_pack_64 = struct.Struct("!BBQ").pack
+#: the 2-byte headers of short frames, built once (most chat frames are short)
+_SHORT_HEADERS: Final = {
+    op: [bytes((0x80 | op, n)) for n in range(126)] for op in (OP_TEXT, OP_BINARY)
+}
+
+
+def ws_frame(opcode: int, payload: bytes) -> bytes:
+    """One final, unmasked server-to-client websocket frame (RFC 6455 §5.2)."""
+    n = len(payload)
+    if n < 126:
+        return _SHORT_HEADERS[opcode][n] + payload
+    if n < 65536:
+        return _pack_16(0x80 | opcode, 126, n) + payload
+    return _pack_64(0x80 | opcode, 127, n) + payload
+
+
+def framed(conn: Any, msg: Message) -> bytes:
+    """``msg`` encoded and framed the way ``conn`` speaks (JSON or MessagePack)."""
+    if conn.binary:
+        return ws_frame(OP_BINARY, encode_msgpack(msg))
+    return ws_frame(OP_TEXT, encode_json(msg))
 
 
 class Router:
@@ -52,23 +81,31 @@ class Router:
 
     def on_commit(self, outcomes: list[tuple[Message, Any, int]]) -> None:
         """Store callback: one (message, sending connection, outcome) per message."""
+        out: dict[Any, list[bytes]] = {}
         fanout = self.fanout
         for msg, src, status in outcomes:
-            if status == STORED:
-                if src.state != CLOSING:
-                    src.send_msg(Message(cmd=CMD_ACK, id=msg.id, cid=msg.cid, ts=msg.ts))
-                    if not src.live_from:
-                        src.live_from = msg.id
-                fanout(msg, src)
-            elif status == DUPLICATE:
-                src.send_msg(Message(cmd=CMD_ACK, id=msg.id, cid=msg.cid, ts=msg.ts))
+            if status in (STORED, DUPLICATE):
+                reply = Message(cmd=CMD_ACK, id=msg.id, cid=msg.cid, ts=msg.ts)
+                if status == STORED and not src.live_from:
+                    src.live_from = msg.id
             elif status == NO_RECEIVER:
-                src.send_error(ERR_NOT_FOUND, f"no user {msg.dstid}", msg.cid)
+                reply = error_frame(FrameError(ERR_NOT_FOUND, f"no user {msg.dstid}", msg.cid))
             else:
-                src.send_error(ERR_SERVER, "message not stored, retry", msg.cid)
+                reply = error_frame(FrameError(ERR_SERVER, "message not stored, retry", msg.cid))
+            if src.state != CLOSING:
+                frames = out.get(src)
+                if frames is None:
+                    out[src] = [framed(src, reply)]
+                else:
+                    frames.append(framed(src, reply))
+            if status == STORED:
+                fanout(msg, src, out)
+        for conn, frames in out.items():
+            if conn.state != CLOSING:
+                conn.write(frames[0] if len(frames) == 1 else b"".join(frames))
 
-    def fanout(self, msg: Message, src: Any) -> None:
-        """Write ``msg`` to each recipient but ``src``, encoding at most twice."""
+    def fanout(self, msg: Message, src: Any, out: dict[Any, list[bytes]]) -> None:
+        """Queue ``msg`` in ``out`` for each recipient but ``src``, framed at most twice."""
         registry = self.registry
         if msg.cmd == CMD_PRIVATE:
             conns: Any = registry.get(msg.dstid)
@@ -90,12 +127,17 @@ class Router:
             if state == LIVE:
                 if conn.binary:
                     if mp is None:
-                        mp = encode_msgpack(msg)
-                    conn.tr.send(BINARY, mp)
+                        mp = ws_frame(OP_BINARY, encode_msgpack(msg))
+                    data = mp
                 else:
                     if js is None:
-                        js = encode_json(msg)
-                    conn.tr.send(TEXT, js)
+                        js = ws_frame(OP_TEXT, encode_json(msg))
+                    data = js
+                frames = out.get(conn)
+                if frames is None:
+                    out[conn] = [data]
+                else:
+                    frames.append(data)
                 if not conn.live_from:
                     conn.live_from = msg.id
                 sent += 1

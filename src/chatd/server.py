@@ -19,6 +19,7 @@ import uvloop
 
 from chatd import auth
 from chatd.config import Config
+from chatd.notify import notify, watchdog_interval_s
 from chatd.shard import Shard
 from chatd.store import Store
 
@@ -63,12 +64,26 @@ async def run(cfg: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    notify("READY=1")
+    status = loop.create_task(_report_status(shard))
     await stop.wait()
+    status.cancel()
+    notify("STOPPING=1")
     log.info("draining: %d connections, %d queued messages", shard.registry.count, store.queued)
     await shard.drain(cfg.drain_timeout_s)
     await store.close()
     log.info("stopped: %d messages committed in %d batches", store.committed, store.batches)
     return 0
+
+
+async def _report_status(shard: Shard) -> None:
+    """Keep systemd's STATUS line current and feed its watchdog."""
+    watchdog = watchdog_interval_s()
+    period = min(watchdog, 5.0) if watchdog else 5.0
+    while True:
+        state = f"STATUS={shard.registry.count} connections, {shard.store.committed} messages"
+        notify(state + ("\nWATCHDOG=1" if watchdog else ""))
+        await asyncio.sleep(period)
 
 
 def serve(cfg: Config) -> int:

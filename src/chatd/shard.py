@@ -26,7 +26,6 @@ import time
 from typing import Any, Final
 from urllib.parse import parse_qs
 
-import cachetools
 from picows import (
     WSCloseCode,
     WSListener,
@@ -47,7 +46,9 @@ from chatd.store import Store
 from chatd.wire import (
     CLOSE_GOING_AWAY,
     CLOSE_IDLE,
+    CLOSE_PROTOCOL_ERROR,
     CLOSE_RATE_LIMITED,
+    CLOSE_SERVER_ERROR,
     CLOSE_SLOW_CONSUMER,
     CLOSE_TOO_BIG,
     CMD_GROUP,
@@ -116,7 +117,7 @@ def mend_upgrade_headers(request: WSUpgradeRequest) -> None:
         headers["Upgrade"] = "websocket"
 
 
-class Conn(WSListener):  # type: ignore[misc]
+class Conn(WSListener):
     """One websocket connection of an authenticated user."""
 
     __slots__ = (
@@ -164,9 +165,10 @@ class Conn(WSListener):  # type: ignore[misc]
         transport.underlying_transport.set_write_buffer_limits(high=shard.cfg.slow_consumer_bytes)
         if shard.limiter is not None:
             shard.limiter.start(self, _monotonic())
-        groups = shard.group_cache.get(self.uid)
-        if groups is not None:
-            self._register(groups)
+        # another device of the user on this shard already knows the groups
+        devices = shard.registry.get(self.uid)
+        if devices:
+            self._register(devices[0].groups)
         else:
             # frames that arrive before the groups are known wait for them
             self.waiting = []
@@ -178,9 +180,8 @@ class Conn(WSListener):  # type: ignore[misc]
             groups = await shard.store.user_groups(self.uid)
         except (sqlite3.Error, ValueError) as exc:
             log.error("loading groups of user %d failed: %s", self.uid, exc)
-            self.close(WSCloseCode.INTERNAL_ERROR, "server error")
+            self.close(CLOSE_SERVER_ERROR, "server error")
             return
-        shard.group_cache[self.uid] = groups
         if self.state == CLOSING:
             return
         self._register(groups)
@@ -274,7 +275,7 @@ class Conn(WSListener):  # type: ignore[misc]
         except FrameError:
             self.close(CLOSE_TOO_BIG, "message too big")
         except ValueError as exc:
-            self.close(WSCloseCode.PROTOCOL_ERROR, str(exc))
+            self.close(CLOSE_PROTOCOL_ERROR, str(exc))
         return None
 
     def handle(self, msg: Message) -> None:
@@ -309,6 +310,10 @@ class Conn(WSListener):  # type: ignore[misc]
         # CMD_HEARTBEAT: receiving it was the point
 
     # --- frames out -----------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """Write already framed websocket frames (see ``router.ws_frame``)."""
+        self.tr.underlying_transport.write(data)
 
     def send_msg(self, msg: Message) -> None:
         if self.binary:
@@ -374,9 +379,6 @@ class Shard:
         self.registry = Registry(cfg.max_conns)
         self.router = Router(self.registry)
         self.limiter = RateLimiter(cfg.rate_per_s, cfg.rate_burst) if cfg.rate_limit else None
-        self.group_cache: cachetools.TTLCache[int, frozenset[int]] = cachetools.TTLCache(
-            maxsize=200_000, ttl=30
-        )
         self.tick = 1
         self.draining = False
         self.port = 0
@@ -407,7 +409,7 @@ class Shard:
             self.route,
             backlog=4096,
             max_frame_size=cfg.max_frame_bytes,
-            read_buffer_init_size=1024,
+            read_buffer_init_size=256,
             use_aiofastnet=False,
             enable_auto_pong=True,
             websocket_handshake_timeout=10,

@@ -118,6 +118,8 @@ _SYNC_SQL: Final = f"""
     ORDER BY 1 LIMIT :limit
 """
 
+_NO_GROUPS: Final[frozenset[int]] = frozenset()
+
 Submitted = tuple[Message, Any]  # the message and whatever the caller needs back
 OnCommit = Callable[[list[tuple[Message, Any, int]]], None]
 
@@ -277,10 +279,14 @@ class Store:
                 unknown_dst.add(msg.dstid)
         sql = ["SELECT 0, coalesce(max(id), 0), NULL, NULL FROM messages"]
         params: list[Any] = []
+        head = ""
         if cids:
+            # a join against the keys, so each one is an index search (an IN over
+            # row values would scan the whole table)
+            head = f"WITH k(u, c) AS (VALUES {','.join(['(?,?)'] * len(cids))}) "
             sql.append(
-                "SELECT 1, userid, cid, id || ':' || ts FROM messages WHERE cid IS NOT NULL AND "
-                f"(userid, cid) IN (VALUES {','.join(['(?,?)'] * len(cids))})"
+                "SELECT 1, m.userid, m.cid, m.id || ':' || m.ts "
+                "FROM k JOIN messages m ON m.userid = k.u AND m.cid = k.c"
             )
             for key in cids:
                 params.extend(key)
@@ -288,9 +294,10 @@ class Store:
             marks = ",".join("?" * len(unknown_dst))
             sql.append(f"SELECT 2, id, NULL, NULL FROM users WHERE id IN ({marks})")
             params.extend(unknown_dst)
+        query = head + " UNION ALL ".join(sql)
         await db.execute("BEGIN IMMEDIATE")
         try:
-            async with db.execute(" UNION ALL ".join(sql), params) as cur:
+            async with db.execute(query, params) as cur:
                 found = await cur.fetchall()
             max_id = 0
             stored: dict[tuple[int, str], tuple[int, int]] = {}
@@ -368,7 +375,8 @@ class Store:
     async def user_groups(self, uid: int) -> frozenset[int]:
         """Ids of the groups ``uid`` is a member of."""
         async with self._r.execute("SELECT gid FROM members WHERE uid = ?", (uid,)) as cur:
-            return frozenset(r[0] for r in await cur.fetchall())
+            rows = await cur.fetchall()
+        return frozenset(r[0] for r in rows) if rows else _NO_GROUPS
 
     async def token_versions(self) -> dict[int, int]:
         """uid -> token version, for every user who ever revoked tokens."""

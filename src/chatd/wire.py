@@ -63,6 +63,7 @@ ERR_BUSY: Final = 503  # server overloaded or draining; not stored, retry later
 
 # --- websocket close codes ----------------------------------------------------
 CLOSE_GOING_AWAY: Final = 1001
+CLOSE_PROTOCOL_ERROR: Final = 1002
 CLOSE_TOO_BIG: Final = 1009
 CLOSE_SERVER_ERROR: Final = 1011
 CLOSE_TRY_AGAIN: Final = 1013
