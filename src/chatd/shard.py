@@ -38,16 +38,19 @@ from picows import (
 
 from chatd.auth import TokenChecker
 from chatd.config import Config
+from chatd.control import Event, GroupJoined, GroupLeft, TokensRevoked, UserBanned
 from chatd.errors import AuthError, FrameError
 from chatd.registry import STRIPES, Registry
 from chatd.router import CLOSING, LIVE, SYNCING, Router
 from chatd.session import RateLimiter, add_fragment
 from chatd.store import Store
 from chatd.wire import (
+    CLOSE_BANNED,
     CLOSE_GOING_AWAY,
     CLOSE_IDLE,
     CLOSE_PROTOCOL_ERROR,
     CLOSE_RATE_LIMITED,
+    CLOSE_REVOKED,
     CLOSE_SERVER_ERROR,
     CLOSE_SLOW_CONSUMER,
     CLOSE_TOO_BIG,
@@ -454,6 +457,28 @@ class Shard:
             return _json_response(503, {"error": "shard is full"}, {"Retry-After": "1"})
         mend_upgrade_headers(request)
         return Conn(self, uid)
+
+    # --- control events --------------------------------------------------------------
+
+    def apply(self, event: Event) -> None:
+        """Apply a node-local control event to this shard's live connections."""
+        conns = list(self.registry.get(event.uid) or ())
+        if isinstance(event, GroupJoined):
+            for conn in conns:
+                conn.groups = conn.groups | {event.gid}
+                self.registry.join(conn, event.gid)
+        elif isinstance(event, GroupLeft):
+            for conn in conns:
+                conn.groups = conn.groups - {event.gid}
+                self.registry.leave(conn, event.gid)
+        elif isinstance(event, TokensRevoked):
+            self.checker.revoke(event.uid, event.version)
+            for conn in conns:
+                conn.close(CLOSE_REVOKED, "token revoked")
+        elif isinstance(event, UserBanned):
+            self.checker.revoke(event.uid, 1 << 62)
+            for conn in conns:
+                conn.close(CLOSE_BANNED, "banned")
 
     # --- liveness -------------------------------------------------------------------
 
