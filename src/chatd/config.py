@@ -27,6 +27,7 @@ class Config:
 
     host: str = "0.0.0.0"
     chat_port: int = 8080
+    api_port: int = 8081
     data_dir: str = "./data"
     log_level: str = "info"
     #: connections one shard accepts; past it the upgrade gets 503 + Retry-After
@@ -99,8 +100,9 @@ def _coerce(key: str, value: Any, from_text: bool) -> Any:
 
 
 def _check(cfg: Config) -> Config:
-    if not 0 <= cfg.chat_port <= 65535:
-        raise ConfigError(f"chat_port: {cfg.chat_port} is not a TCP port")
+    for key in ("chat_port", "api_port"):
+        if not 0 <= getattr(cfg, key) <= 65535:
+            raise ConfigError(f"{key}: {getattr(cfg, key)} is not a TCP port")
     for key in (
         "max_conns",
         "max_frame_bytes",

@@ -1,29 +1,40 @@
-"""``chatd serve``: run a node.
+"""The processes of a node: ``serve`` starts the supervisor, which starts
+the children whose entry points are here.
 
-For now a node is one shard process (``--shards 1`` in DESIGN §2): it opens
-the store, loads the token revocations, starts the shard and waits for a
-signal. SIGTERM or SIGINT drains: the listening socket closes, queued messages
-are committed (and acked), clients get close 1001, and the process exits 0
-within ``drain_timeout_s``. Signal handlers only set an event; the main
-coroutine does the work.
+A shard child opens the store, loads the token revocations, starts its shard
+on the chat port (SO_REUSEPORT) and reports ready; it applies control events
+the supervisor forwards, and drains when told to, on its own SIGTERM/SIGINT,
+or when the supervisor's pipe closes: the listening socket closes, queued
+messages are committed (and acked), clients get close 1001, and the process
+exits 0 within ``drain_timeout_s``.
+
+``open_node`` starts a complete single-shard node in the calling event loop
+(the tests and embedded uses run it directly).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import signal
 import sys
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any, Final
 
 import uvloop
 
 from chatd import auth
 from chatd.config import Config
-from chatd.notify import notify, watchdog_interval_s
+from chatd.control import Link, decode_event
 from chatd.shard import Shard
 from chatd.store import Store
+from chatd.supervisor import Supervisor
 
 log = logging.getLogger("chatd.server")
+
+STATUS_PERIOD_S: Final = 2.0
 
 
 def setup_logging(level: str) -> None:
@@ -54,38 +65,65 @@ async def open_node(cfg: Config) -> tuple[Store, Shard]:
     return store, shard
 
 
-async def run(cfg: Config) -> int:
-    """Serve until SIGTERM/SIGINT, then drain; the process exit status."""
-    store, shard = await open_node(cfg)
-    log.info(
-        "listening on %s port=%d (ws://%s:%d/chat)", cfg.host, shard.port, cfg.host, shard.port
-    )
-    stop = asyncio.Event()
+def _die_with_parent() -> None:
+    """Ask the kernel for SIGTERM when the supervisor dies (Linux prctl)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # the pipe's EOF tells us too
+
+
+def _child_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    notify("READY=1")
-    status = loop.create_task(_report_status(shard))
+
+
+async def _report(link: Link, status: Callable[[], dict[str, int]]) -> None:
+    while True:
+        link.send("status", status())
+        await asyncio.sleep(STATUS_PERIOD_S)
+
+
+async def run_shard(cfg: Config, index: int, conn: Connection) -> int:
+    """A shard process: serve the chat port until told to drain."""
+    stop = asyncio.Event()
+    _child_signals(stop)
+    store, shard = await open_node(cfg)
+
+    def on_message(verb: str, payload: Any) -> None:
+        if verb == "drain":
+            stop.set()
+        elif verb == "event":
+            shard.apply(decode_event(payload))
+
+    link = Link(conn, on_message, stop.set)
+    link.start()
+    link.send("ready", {"port": shard.port})
+    log.info("shard %d serving on port %d", index, shard.port)
+    reporter = asyncio.get_running_loop().create_task(_report(link, lambda: {
+        "connections": shard.registry.count, "committed": store.committed}))
     await stop.wait()
-    status.cancel()
-    notify("STOPPING=1")
-    log.info("draining: %d connections, %d queued messages", shard.registry.count, store.queued)
+    reporter.cancel()
+    log.info("shard %d draining: %d connections, %d queued messages", index,
+             shard.registry.count, store.queued)
     await shard.drain(cfg.drain_timeout_s)
     await store.close()
-    log.info("stopped: %d messages committed in %d batches", store.committed, store.batches)
+    link.close()
+    log.info("shard %d stopped: %d messages committed in %d batches", index, store.committed,
+             store.batches)
     return 0
 
 
-async def _report_status(shard: Shard) -> None:
-    """Keep systemd's STATUS line current and feed its watchdog."""
-    watchdog = watchdog_interval_s()
-    period = min(watchdog, 5.0) if watchdog else 5.0
-    while True:
-        state = f"STATUS={shard.registry.count} connections, {shard.store.committed} messages"
-        notify(state + ("\nWATCHDOG=1" if watchdog else ""))
-        await asyncio.sleep(period)
+def shard_main(cfg: Config, index: int, conn: Connection) -> None:
+    """Entry point of a shard child process."""
+    _die_with_parent()
+    setup_logging(cfg.log_level)
+    raise SystemExit(uvloop.run(run_shard(cfg, index, conn)))
 
 
 def serve(cfg: Config) -> int:
+    """``chatd serve``: run the supervisor and its children until SIGTERM."""
     setup_logging(cfg.log_level)
-    return uvloop.run(run(cfg))
+    return uvloop.run(Supervisor(cfg, None, shard_main).run())

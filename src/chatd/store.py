@@ -255,7 +255,7 @@ class Store:
             try:
                 outcomes = await self._write_batch(batch)
             except (sqlite3.Error, ValueError) as exc:
-                log.error("store: batch of %d failed: %s", len(batch), exc)
+                log.error("batch of %d failed: %s", len(batch), exc)
                 outcomes = [(m, ctx, FAILED) for m, ctx in batch]
             finally:
                 self._busy = False
@@ -487,7 +487,7 @@ async def _migrate(db: aiosqlite.Connection) -> None:
             f"database schema {version} is newer than this chatd knows ({len(MIGRATIONS)})"
         )
     for number in range(version + 1, len(MIGRATIONS) + 1):
-        log.info("store: migrating schema to %d", number)
+        log.info("migrating schema to %d", number)
         await db.execute("BEGIN IMMEDIATE")
         try:
             for statement in MIGRATIONS[number - 1].split(";"):

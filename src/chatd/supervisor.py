@@ -1,0 +1,221 @@
+"""The supervisor: ``chatd serve``'s main process.
+
+It prepares the node (data folder, secret, schema migration), reserves the chat
+port, starts the children — shard processes on the chat port (SO_REUSEPORT)
+and API workers on the api port — and then only supervises:
+
+- a child that dies is started again, with a backoff that doubles from 0.5 s
+  to 10 s and resets once the child has run for 30 s;
+- control events from API workers are forwarded to every shard;
+- SIGTERM / SIGINT drain: the children are told to drain (queued messages
+  committed, clients closed with 1001) and the supervisor exits 0 once they
+  have, or kills what is left after ``drain_timeout_s`` + 5 s;
+- systemd hears READY=1 once every child is ready, and STATUS= lines.
+
+Signal handlers only set events; ``run`` does the work. Each child also
+drains on its own SIGTERM (systemd signals the whole control group) and when
+its pipe to the supervisor closes (the supervisor died).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any, Final
+
+from chatd import auth
+from chatd.config import Config
+from chatd.control import Link
+from chatd.notify import notify, watchdog_interval_s
+from chatd.store import Store
+
+log = logging.getLogger("chatd.supervisor")
+
+BACKOFF_MIN_S: Final = 0.5
+BACKOFF_MAX_S: Final = 10.0
+HEALTHY_AFTER_S: Final = 30.0
+READY_TIMEOUT_S: Final = 30.0
+
+ChildMain = Callable[[Config, int, Connection], None]
+
+
+@dataclass(eq=False)
+class Child:
+    """One supervised process and its pipe."""
+
+    name: str
+    main: ChildMain
+    cfg: Config
+    index: int
+    proc: BaseProcess | None = None
+    link: Link | None = None
+    started_at: float = 0.0
+    backoff_s: float = BACKOFF_MIN_S
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    status: dict[str, Any] = field(default_factory=dict)
+
+
+class Supervisor:
+    """Starts, watches and drains the processes of one node."""
+
+    def __init__(self, cfg: Config, api_main: ChildMain | None, shard_main: ChildMain) -> None:
+        self.cfg = cfg
+        self._ctx = multiprocessing.get_context("spawn")
+        self._shard_main = shard_main
+        self._api_main = api_main
+        self.children: list[Child] = []
+        self.draining = False
+        self._stop = asyncio.Event()
+        self._reserved: list[socket.socket] = []
+
+    # --- preparation ----------------------------------------------------------------
+
+    async def prepare(self) -> Config:
+        """Create the data folder and secret, migrate the schema, reserve ports.
+
+        Returns the config with the real ports (a 0 in the config means "any
+        free port": the supervisor picks it so that every child binds the same).
+        """
+        cfg = self.cfg
+        cfg.data_path.mkdir(parents=True, exist_ok=True)
+        auth.load_or_create_secret(cfg.data_path)
+        store = await Store.open(cfg.db_path, synchronous=cfg.db_synchronous)
+        await store.close()
+        chat_port = self._reserve(cfg.host, cfg.chat_port)
+        api_port = self._reserve(cfg.host, cfg.api_port) if self._api_main else 0
+        return replace(cfg, chat_port=chat_port, api_port=api_port)
+
+    def _reserve(self, host: str, port: int) -> int:
+        # A bound but not listening SO_REUSEPORT socket holds the port for the
+        # children without taking any of their connections.
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        self._reserved.append(sock)
+        return int(sock.getsockname()[1])
+
+    # --- children ---------------------------------------------------------------
+
+    def _spawn(self, child: Child) -> None:
+        parent_end, child_end = self._ctx.Pipe()
+        proc = self._ctx.Process(target=child.main, args=(child.cfg, child.index, child_end),
+                                 name=child.name, daemon=False)
+        proc.start()
+        child_end.close()
+        child.proc = proc
+        child.started_at = time.monotonic()
+        child.ready.clear()
+        child.link = Link(parent_end, lambda verb, payload: self._on_child(child, verb, payload),
+                          lambda: None)
+        child.link.start()
+        log.info("started %s (pid %d)", child.name, proc.pid)
+
+    def _on_child(self, child: Child, verb: str, payload: Any) -> None:
+        if verb == "ready":
+            child.ready.set()
+        elif verb == "status":
+            child.status = payload
+        elif verb == "event":
+            for other in self.children:
+                if other.name.startswith("shard") and other.link is not None:
+                    other.link.send("event", payload)
+        else:
+            log.warning("%s sent unknown message %r", child.name, verb)
+
+    async def _watch(self, child: Child) -> None:
+        """Restart ``child`` whenever it exits, until the node drains."""
+        loop = asyncio.get_running_loop()
+        while True:
+            assert child.proc is not None
+            await loop.run_in_executor(None, child.proc.join)
+            if child.link is not None:
+                child.link.close()
+            if self.draining:
+                return
+            ran_s = time.monotonic() - child.started_at
+            if ran_s > HEALTHY_AFTER_S:
+                child.backoff_s = BACKOFF_MIN_S
+            log.error("%s exited with status %s after %.1f s; restarting in %.1f s",
+                      child.name, child.proc.exitcode, ran_s, child.backoff_s)
+            try:
+                await asyncio.wait_for(self._stop.wait(), child.backoff_s)
+                return  # draining started during the backoff
+            except TimeoutError:
+                pass
+            child.backoff_s = min(BACKOFF_MAX_S, child.backoff_s * 2)
+            self._spawn(child)
+
+    # --- main -------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Run the node until SIGTERM/SIGINT; the process exit status."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        cfg = await self.prepare()
+        self.children = [Child("shard-0", self._shard_main, cfg, 0)]
+        if self._api_main is not None:
+            self.children.append(Child("api-0", self._api_main, cfg, 0))
+        for child in self.children:
+            self._spawn(child)
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(c.ready.wait() for c in self.children)), READY_TIMEOUT_S)
+        except TimeoutError:
+            log.error("children not ready after %d s; stopping", READY_TIMEOUT_S)
+            await self._drain()
+            return 1
+        watchers = [loop.create_task(self._watch(c)) for c in self.children]
+        api = f" api_port={cfg.api_port}" if self._api_main else ""
+        log.info("listening on %s port=%d%s (ws://%s:%d/chat)", cfg.host, cfg.chat_port, api,
+                 cfg.host, cfg.chat_port)
+        notify("READY=1")
+        status = loop.create_task(self._report_status())
+        await self._stop.wait()
+        status.cancel()
+        notify("STOPPING=1")
+        await self._drain()
+        for w in watchers:
+            w.cancel()
+        await asyncio.gather(*watchers, return_exceptions=True)
+        for sock in self._reserved:
+            sock.close()
+        log.info("stopped")
+        return 0
+
+    async def _drain(self) -> None:
+        """Tell every child to drain; kill those still alive past the bound."""
+        self.draining = True
+        self._stop.set()
+        for child in self.children:
+            if child.link is not None:
+                child.link.send("drain")
+        loop = asyncio.get_running_loop()
+        deadline = self.cfg.drain_timeout_s + 5
+        for child in self.children:
+            if child.proc is None:
+                continue
+            await loop.run_in_executor(None, child.proc.join, max(0.1, deadline))
+            if child.proc.is_alive():
+                log.error("%s did not drain in time; killing it", child.name)
+                child.proc.kill()
+                await loop.run_in_executor(None, child.proc.join)
+
+    async def _report_status(self) -> None:
+        watchdog = watchdog_interval_s()
+        period = min(watchdog, 5.0) if watchdog else 5.0
+        while True:
+            conns = sum(int(c.status.get("connections", 0)) for c in self.children)
+            messages = sum(int(c.status.get("committed", 0)) for c in self.children)
+            notify(f"STATUS={conns} connections, {messages} messages"
+                   + ("\nWATCHDOG=1" if watchdog else ""))
+            await asyncio.sleep(period)
