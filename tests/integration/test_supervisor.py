@@ -1,0 +1,76 @@
+"""The supervisor restarts a dead shard and never leaves orphans behind."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import UNIT, ServerProcess, connect, run_cli
+
+
+def _children(server: ServerProcess) -> list[psutil.Process]:
+    """The supervisor's worker processes (not multiprocessing's resource tracker)."""
+    return [c for c in psutil.Process(server.proc.pid).children()
+            if "spawn_main" in " ".join(c.cmdline())]
+
+
+async def _wait_for(pred, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    async def go() -> None:
+        while not pred():
+            await asyncio.sleep(0.05)
+    await asyncio.wait_for(go(), timeout * UNIT)
+
+
+def _new_user(data: Path, mobile: str) -> tuple[int, str]:
+    uid = int(run_cli("user", "add", "--mobile", mobile, "--password", "pw",
+                      data_dir=data).stdout)
+    return uid, run_cli("token", str(uid), data_dir=data).stdout.strip()
+
+
+@pytest.mark.slow
+async def test_a_killed_shard_is_restarted_on_the_same_port(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    uid, token = _new_user(data, "100")
+    server = ServerProcess(data)
+    try:
+        port = await server.started()
+        [shard] = _children(server)
+        client = await connect(f"ws://127.0.0.1:{port}/chat?id={uid}&token={token}")
+        shard.kill()
+        await client.wait_closed()
+        await _wait_for(lambda: any(c.pid != shard.pid for c in _children(server)))
+
+        async def reconnect() -> None:
+            while True:
+                try:
+                    await connect(f"ws://127.0.0.1:{port}/chat?id={uid}&token={token}")
+                    return
+                except OSError:
+                    await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(reconnect(), 20 * UNIT)
+        server.signal(signal.SIGTERM)
+        assert await server.wait() == 0
+        log = "".join(server.lines)
+        assert re.search(r"shard-0 exited with status -9 .* restarting", log), log
+    finally:
+        server.kill()
+
+
+@pytest.mark.slow
+async def test_children_exit_when_the_supervisor_is_killed(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path / "data")
+    try:
+        await server.started()
+        children = psutil.Process(server.proc.pid).children()  # the tracker too
+        assert _children(server)
+        server.kill()
+        gone, alive = psutil.wait_procs(children, timeout=15 * UNIT)
+        assert not alive, f"orphans left: {alive}"
+    finally:
+        server.kill()
