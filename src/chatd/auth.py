@@ -93,7 +93,10 @@ class TokenChecker:
             _sign(self._secret, body).encode(), parts[3].encode("ascii", "replace")
         ):
             raise AuthError("bad signature")
-        token_uid, expiry, version = int(parts[0]), int(parts[1]), int(parts[2])
+        try:
+            token_uid, expiry, version = int(parts[0]), int(parts[1]), int(parts[2])
+        except ValueError:
+            raise AuthError("malformed token") from None
         if uid is not None and uid != token_uid:
             raise AuthError("token is for another user")
         if expiry < (now if now is not None else time.time()):

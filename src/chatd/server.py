@@ -43,6 +43,9 @@ def setup_logging(level: str) -> None:
         stream=sys.stdout,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # picows logs every accepted and lost connection at INFO: noise at 100k
+    if level.lower() != "debug":
+        logging.getLogger("chatd.ws").setLevel(logging.WARNING)
 
 
 async def open_node(cfg: Config) -> tuple[Store, Shard]:
@@ -102,17 +105,26 @@ async def run_shard(cfg: Config, index: int, conn: Connection) -> int:
     link.start()
     link.send("ready", {"port": shard.port})
     log.info("shard %d serving on port %d", index, shard.port)
-    reporter = asyncio.get_running_loop().create_task(_report(link, lambda: {
-        "connections": shard.registry.count, "committed": store.committed}))
+    reporter = asyncio.get_running_loop().create_task(
+        _report(link, lambda: {"connections": shard.registry.count, "committed": store.committed})
+    )
     await stop.wait()
     reporter.cancel()
-    log.info("shard %d draining: %d connections, %d queued messages", index,
-             shard.registry.count, store.queued)
+    log.info(
+        "shard %d draining: %d connections, %d queued messages",
+        index,
+        shard.registry.count,
+        store.queued,
+    )
     await shard.drain(cfg.drain_timeout_s)
     await store.close()
     link.close()
-    log.info("shard %d stopped: %d messages committed in %d batches", index, store.committed,
-             store.batches)
+    log.info(
+        "shard %d stopped: %d messages committed in %d batches",
+        index,
+        store.committed,
+        store.batches,
+    )
     return 0
 
 

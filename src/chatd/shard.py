@@ -72,6 +72,9 @@ from chatd.wire import (
 )
 
 log = logging.getLogger("chatd.shard")
+#: picows makes a logging.Logger per connection unless given an adapter (~1 KiB
+#: each, never freed from its own bookkeeping): one adapter serves them all
+_WS_LOG = logging.LoggerAdapter(logging.getLogger("chatd.ws"), {})
 
 TEXT: Final = WSMsgType.TEXT
 BINARY: Final = WSMsgType.BINARY
@@ -230,6 +233,8 @@ class Conn(WSListener):
     # --- frames in ------------------------------------------------------------------
 
     def on_ws_frame(self, transport: Any, frame: Any) -> None:
+        if self.state == CLOSING:
+            return  # we sent close: nothing the peer says now can be answered
         shard = self.shard
         self.tick = shard.tick
         kind = frame.msg_type
@@ -416,7 +421,7 @@ class Shard:
             use_aiofastnet=False,
             enable_auto_pong=True,
             websocket_handshake_timeout=10,
-            logger_name="chatd.ws",
+            logger_name=_WS_LOG,
             **kwargs,
         )
         self.port = self._server.sockets[0].getsockname()[1]

@@ -60,6 +60,7 @@ class Child:
     started_at: float = 0.0
     backoff_s: float = BACKOFF_MIN_S
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
     status: dict[str, Any] = field(default_factory=dict)
 
 
@@ -107,15 +108,21 @@ class Supervisor:
 
     def _spawn(self, child: Child) -> None:
         parent_end, child_end = self._ctx.Pipe()
-        proc = self._ctx.Process(target=child.main, args=(child.cfg, child.index, child_end),
-                                 name=child.name, daemon=False)
+        proc = self._ctx.Process(
+            target=child.main,
+            args=(child.cfg, child.index, child_end),
+            name=child.name,
+            daemon=False,
+        )
         proc.start()
         child_end.close()
         child.proc = proc
         child.started_at = time.monotonic()
         child.ready.clear()
-        child.link = Link(parent_end, lambda verb, payload: self._on_child(child, verb, payload),
-                          lambda: None)
+        child.exited.clear()
+        child.link = Link(
+            parent_end, lambda verb, payload: self._on_child(child, verb, payload), lambda: None
+        )
         child.link.start()
         log.info("started %s (pid %d)", child.name, proc.pid)
 
@@ -132,11 +139,16 @@ class Supervisor:
             log.warning("%s sent unknown message %r", child.name, verb)
 
     async def _watch(self, child: Child) -> None:
-        """Restart ``child`` whenever it exits, until the node drains."""
+        """Restart ``child`` whenever it exits, until the node drains.
+
+        The only place that waits for (reaps) the child's process: two waiters
+        on one pid race, and the loser may see a dead child as alive.
+        """
         loop = asyncio.get_running_loop()
         while True:
             assert child.proc is not None
             await loop.run_in_executor(None, child.proc.join)
+            child.exited.set()
             if child.link is not None:
                 child.link.close()
             if self.draining:
@@ -144,8 +156,13 @@ class Supervisor:
             ran_s = time.monotonic() - child.started_at
             if ran_s > HEALTHY_AFTER_S:
                 child.backoff_s = BACKOFF_MIN_S
-            log.error("%s exited with status %s after %.1f s; restarting in %.1f s",
-                      child.name, child.proc.exitcode, ran_s, child.backoff_s)
+            log.error(
+                "%s exited with status %s after %.1f s; restarting in %.1f s",
+                child.name,
+                child.proc.exitcode,
+                ran_s,
+                child.backoff_s,
+            )
             try:
                 await asyncio.wait_for(self._stop.wait(), child.backoff_s)
                 return  # draining started during the backoff
@@ -167,17 +184,30 @@ class Supervisor:
             self.children.append(Child("api-0", self._api_main, cfg, 0))
         for child in self.children:
             self._spawn(child)
-        try:
-            await asyncio.wait_for(
-                asyncio.gather(*(c.ready.wait() for c in self.children)), READY_TIMEOUT_S)
-        except TimeoutError:
-            log.error("children not ready after %d s; stopping", READY_TIMEOUT_S)
-            await self._drain()
-            return 1
         watchers = [loop.create_task(self._watch(c)) for c in self.children]
+        ready = loop.create_task(self._all_ready())
+        stopped = loop.create_task(self._stop.wait())
+        await asyncio.wait(
+            {ready, stopped}, timeout=READY_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
+        )
+        stopped.cancel()
+        if not ready.done():
+            ready.cancel()
+            asked_to_stop = self._stop.is_set()
+            if not asked_to_stop:
+                log.error("children not ready after %d s; stopping", READY_TIMEOUT_S)
+            await self._drain()
+            await asyncio.gather(*watchers, return_exceptions=True)
+            return 0 if asked_to_stop else 1
         api = f" api_port={cfg.api_port}" if self._api_main else ""
-        log.info("listening on %s port=%d%s (ws://%s:%d/chat)", cfg.host, cfg.chat_port, api,
-                 cfg.host, cfg.chat_port)
+        log.info(
+            "listening on %s port=%d%s (ws://%s:%d/chat)",
+            cfg.host,
+            cfg.chat_port,
+            api,
+            cfg.host,
+            cfg.chat_port,
+        )
         notify("READY=1")
         status = loop.create_task(self._report_status())
         await self._stop.wait()
@@ -192,6 +222,10 @@ class Supervisor:
         log.info("stopped")
         return 0
 
+    async def _all_ready(self) -> None:
+        for child in self.children:
+            await child.ready.wait()
+
     async def _drain(self) -> None:
         """Tell every child to drain; kill those still alive past the bound."""
         self.draining = True
@@ -199,16 +233,17 @@ class Supervisor:
         for child in self.children:
             if child.link is not None:
                 child.link.send("drain")
-        loop = asyncio.get_running_loop()
-        deadline = self.cfg.drain_timeout_s + 5
+        deadline = asyncio.get_running_loop().time() + self.cfg.drain_timeout_s + 5
         for child in self.children:
             if child.proc is None:
                 continue
-            await loop.run_in_executor(None, child.proc.join, max(0.1, deadline))
-            if child.proc.is_alive():
+            remaining = max(0.1, deadline - asyncio.get_running_loop().time())
+            try:
+                await asyncio.wait_for(child.exited.wait(), remaining)
+            except TimeoutError:
                 log.error("%s did not drain in time; killing it", child.name)
                 child.proc.kill()
-                await loop.run_in_executor(None, child.proc.join)
+                await child.exited.wait()
 
     async def _report_status(self) -> None:
         watchdog = watchdog_interval_s()
@@ -216,6 +251,8 @@ class Supervisor:
         while True:
             conns = sum(int(c.status.get("connections", 0)) for c in self.children)
             messages = sum(int(c.status.get("committed", 0)) for c in self.children)
-            notify(f"STATUS={conns} connections, {messages} messages"
-                   + ("\nWATCHDOG=1" if watchdog else ""))
+            notify(
+                f"STATUS={conns} connections, {messages} messages"
+                + ("\nWATCHDOG=1" if watchdog else "")
+            )
             await asyncio.sleep(period)

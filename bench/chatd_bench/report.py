@@ -1,0 +1,133 @@
+"""What a run shows: the end table, JSON lines, ratios to peers and a PNG plot."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from statistics import median
+from typing import Any, TextIO
+
+COLUMNS = ("target", "scenario", "unit", "thru/s", "srv µs/unit", "p50 ms", "p99 ms",
+           "p99.9 ms", "KiB/conn", "srv %", "cli %", "ok")
+
+
+def _f(v: Any, digits: int = 1) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}"
+    return str(v)
+
+
+def row(r: dict[str, Any]) -> list[str]:
+    lat = r.get("latency_ms") or {}
+    if r["scenario"] == "group" and r.get("last_member_latency_ms", {}).get("n"):
+        lat = r["last_member_latency_ms"]
+    scen = r["scenario"] + (f" M={r['members']}" if "members" in r else "")
+    return [r["target"], scen, r["unit"], _f(float(r["throughput_per_s"]), 0),
+            _f(r.get("server_cpu_us_per_unit"), 1), _f(lat.get("p50"), 2),
+            _f(lat.get("p99"), 2), _f(lat.get("p999"), 2), _f(r.get("rss_kib_per_conn"), 1),
+            _f(100 * r.get("server_util", 0), 0),
+            _f(100 * r["client_util_max"], 0) if r.get("client_util_max") is not None else "-",
+            "yes" if r["ok"] else "NO"]
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    rows = [list(COLUMNS)] + [row(r) for r in results]
+    widths = [max(len(x[i]) for x in rows) for i in range(len(COLUMNS))]
+    lines = ["  ".join(c.rjust(w) if i > 2 else c.ljust(w) for i, (c, w) in
+                       enumerate(zip(x, widths, strict=True))) for x in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    out = "\n".join(lines)
+    notes = []
+    for r in results:
+        for p in r.get("problems", []):
+            notes.append(f"!! {r['target']} {r['scenario']}: {p}")
+        for e in r.get("errors", [])[:3]:
+            notes.append(f"   {r['target']} {r['scenario']}: {e}")
+        for w in r.get("warnings", []):
+            notes.append(f"note: {r['target']} {r['scenario']}: {w}")
+    return out + ("\n" + "\n".join(notes) if notes else "")
+
+
+def ratios(results: list[dict[str, Any]], base: str = "chatd") -> str:
+    """chatd's figures over each peer's (median over rounds), per scenario."""
+    by: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in results:
+        by[(r["target"], r["label"].split(" ", 1)[1] if " " in r["label"] else r["scenario"])
+           ].append(r)
+    lines = []
+    figures = (("server CPU/unit", lambda r: r.get("server_cpu_us_per_unit")),
+               ("throughput", lambda r: r.get("throughput_per_s")),
+               ("p50", lambda r: (r.get("latency_ms") or {}).get("p50")),
+               ("p99", lambda r: (r.get("latency_ms") or {}).get("p99")),
+               ("KiB/conn", lambda r: r.get("rss_kib_per_conn")))
+    for (target, scen), mine in sorted(by.items()):
+        if target != base:
+            continue
+        for (peer, pscen), theirs in sorted(by.items()):
+            if peer == base or pscen != scen:
+                continue
+            parts = []
+            for name, get in figures:
+                a = [v for v in map(get, mine) if v]
+                b = [v for v in map(get, theirs) if v]
+                if a and b:
+                    parts.append(f"{name} x{median(a) / median(b):.2f}")
+            lines.append(f"{scen}: chatd / {peer}: " + ", ".join(parts))
+    if lines:
+        lines.insert(0, "ratios (chatd / peer; CPU, latency and KiB: lower is better "
+                        "for chatd, throughput: higher):")
+    return "\n".join(lines)
+
+
+def write_jsonl(results: list[dict[str, Any]], out: TextIO) -> None:
+    for r in results:
+        out.write(json.dumps(r, default=str) + "\n")
+
+
+_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+           (140, 86, 75), (227, 119, 194), (127, 127, 127)]
+
+
+def plot(results: list[dict[str, Any]], path: str) -> None:
+    """Throughput, p50/p99 latency and server CPU over time, one line per run."""
+    from PIL import Image, ImageDraw
+
+    panels = (("deliveries/s", "delivered_per_s"), ("p99 latency ms (dashed: p50)", "p99_ms"),
+              ("server CPU %", "server_cpu_pct"), ("server RSS MiB", "server_rss_mib"))
+    w, ph, margin = 900, 200, 60
+    img = Image.new("RGB", (w, len(panels) * (ph + 30) + 40 + 16 * len(results)), "white")
+    d = ImageDraw.Draw(img)
+    for k, (title, key) in enumerate(panels):
+        top = 20 + k * (ph + 30)
+        box = (margin, top, w - 20, top + ph)
+        d.rectangle(box, outline=(0, 0, 0))
+        d.text((margin, top - 14), title, fill=(0, 0, 0))
+        series = [r.get("timeseries") or [] for r in results]
+        tmax = max((s[-1]["t"] for s in series if s), default=1) or 1
+        vmax = max((p.get(key, 0) or 0 for s in series for p in s), default=1) or 1
+        d.text((4, top), f"{vmax:,.0f}" if vmax >= 10 else f"{vmax:.2f}", fill=(0, 0, 0))
+        d.text((4, top + ph - 10), "0", fill=(0, 0, 0))
+        d.text((w - 60, top + ph + 2), f"{tmax:.0f} s", fill=(0, 0, 0))
+        for n, s in enumerate(series):
+            color = _COLORS[n % len(_COLORS)]
+
+            def xy(p: dict[str, Any], key: str = key, box: tuple[int, int, int, int] = box,
+                   tmax: float = tmax, vmax: float = vmax) -> tuple[float, float]:
+                x = box[0] + (box[2] - box[0]) * p["t"] / tmax
+                y = box[3] - (box[3] - box[1]) * min(1.0, (p.get(key, 0) or 0) / vmax)
+                return x, y
+
+            if len(s) > 1:
+                d.line([xy(p) for p in s], fill=color, width=2)
+                if key == "p99_ms":
+                    pts = [xy(p, "p50_ms") for p in s]
+                    for a, b in zip(pts[::2], pts[1::2], strict=False):
+                        d.line([a, b], fill=color, width=1)
+    y = 20 + len(panels) * (ph + 30)
+    for n, r in enumerate(results):
+        d.rectangle((margin, y + 3, margin + 10, y + 11), fill=_COLORS[n % len(_COLORS)])
+        d.text((margin + 16, y), r["label"], fill=(0, 0, 0))
+        y += 16
+    img.save(path)
