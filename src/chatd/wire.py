@@ -80,6 +80,8 @@ MAX_URL_CHARS: Final = 2048
 MAX_MEMO_CHARS: Final = 1024
 MAX_CID_CHARS: Final = 64
 
+#: every integer on the wire is an int64 (the seed's Go types, and SQLite's)
+_Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 _Content = Annotated[str, msgspec.Meta(max_length=MAX_CONTENT_CHARS)]
 _Url = Annotated[str, msgspec.Meta(max_length=MAX_URL_CHARS)]
 _Memo = Annotated[str, msgspec.Meta(max_length=MAX_MEMO_CHARS)]
@@ -89,18 +91,18 @@ _Cid = Annotated[str, msgspec.Meta(max_length=MAX_CID_CHARS)]
 class Message(msgspec.Struct, omit_defaults=True, gc=False):
     """One chat frame. Seed fields first, then chatd's extensions (cid, ts)."""
 
-    id: int = 0
-    userid: int = 0
-    cmd: int = 0
-    dstid: int = 0
-    media: int = 0
+    id: _Int64 = 0
+    userid: _Int64 = 0
+    cmd: _Int64 = 0
+    dstid: _Int64 = 0
+    media: _Int64 = 0
     content: _Content = ""
     pic: _Url = ""
     url: _Url = ""
     memo: _Memo = ""
-    amount: int = 0
+    amount: _Int64 = 0
     cid: _Cid = ""
-    ts: int = 0
+    ts: _Int64 = 0
 
 
 class _CidOnly(msgspec.Struct):
@@ -127,7 +129,7 @@ def _bad_frame_cid(data: bytes | memoryview, binary: bool) -> str:
     return cid[:MAX_CID_CHARS] if isinstance(cid, str) else ""
 
 
-def _decode_error(exc: msgspec.MsgspecError, data: bytes | memoryview, binary: bool) -> FrameError:
+def _decode_error(exc: Exception, data: bytes | memoryview, binary: bool) -> FrameError:
     reason = str(exc)
     code = ERR_TOO_LARGE if "length <=" in reason else ERR_BAD_FRAME
     return FrameError(code, reason, _bad_frame_cid(data, binary))
@@ -137,7 +139,7 @@ def decode_json(data: bytes | memoryview) -> Message:
     """Decode and validate a text frame; raise ``FrameError`` if it is bad."""
     try:
         msg = _json_decode(data)
-    except msgspec.MsgspecError as exc:
+    except (msgspec.MsgspecError, UnicodeDecodeError) as exc:
         raise _decode_error(exc, data, False) from None
     validate(msg)
     return msg
@@ -147,7 +149,7 @@ def decode_msgpack(data: bytes | memoryview) -> Message:
     """Decode and validate a binary frame; raise ``FrameError`` if it is bad."""
     try:
         msg = _msgpack_decode(data)
-    except msgspec.MsgspecError as exc:
+    except (msgspec.MsgspecError, UnicodeDecodeError) as exc:
         raise _decode_error(exc, data, True) from None
     validate(msg)
     return msg
