@@ -27,6 +27,12 @@ def _config_flags(p: argparse.ArgumentParser, serving: bool) -> None:
     if serving:
         p.add_argument("--host", help="address to listen on (env CHATD_HOST)")
         p.add_argument(
+            "--api-port",
+            type=int,
+            metavar="PORT",
+            help="HTTP API port, 0 for any free one (env CHATD_API_PORT)",
+        )
+        p.add_argument(
             "--chat-port",
             type=int,
             metavar="PORT",
@@ -70,7 +76,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace) -> Config:
-    flags = {k: getattr(args, k, None) for k in ("data_dir", "host", "chat_port", "log_level")}
+    flags = {
+        k: getattr(args, k, None)
+        for k in ("data_dir", "host", "chat_port", "api_port", "log_level")
+    }
     return load(args.config, flags=flags)
 
 
@@ -92,7 +101,10 @@ def _run(args: argparse.Namespace) -> int:
 
         return serve(cfg)
     if args.command == "check-config":
-        print(f"config ok: chat on {cfg.host}:{cfg.chat_port}, data in {cfg.data_dir}")
+        print(
+            f"config ok: chat on {cfg.host}:{cfg.chat_port}, api on {cfg.host}:"
+            f"{cfg.api_port}, data in {cfg.data_dir}"
+        )
         return 0
     if args.command == "user":
         if not args.mobile.strip() or not args.password:

@@ -7,8 +7,11 @@ The tree::
     ├── StoreError             the database is missing, newer than us, or broken
     │   └── NotFoundError      a user, group or row that the caller named is absent
     ├── AuthError              a token or password that does not check out
-    └── FrameError             a client sent a frame we cannot act on; carries the
-                               error code and reason for the cmd-5 error frame
+    ├── FrameError             a client sent a frame we cannot act on; carries the
+    │                          error code and reason for the cmd-5 error frame
+    ├── ApiError               (api_common) an HTTP request refused: status + message
+    └── MediaError             (media) an upload refused: too big, unknown type,
+                               damaged or a decompression bomb
 
 A client's fault (``FrameError``, ``AuthError``) becomes an error frame, an HTTP
 status or a close code and is not logged as our error. Anything else that

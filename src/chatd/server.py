@@ -27,7 +27,7 @@ import uvloop
 
 from chatd import auth
 from chatd.config import Config
-from chatd.control import Link, decode_event
+from chatd.control import Event, Link, decode_event, encode_event
 from chatd.shard import Shard
 from chatd.store import Store
 from chatd.supervisor import Supervisor
@@ -135,7 +135,56 @@ def shard_main(cfg: Config, index: int, conn: Connection) -> None:
     raise SystemExit(uvloop.run(run_shard(cfg, index, conn)))
 
 
+async def run_api(cfg: Config, index: int, conn: Connection) -> int:
+    """An API worker process: serve the HTTP API until told to drain.
+
+    Control events its handlers publish go up the pipe; the supervisor hands
+    them to every shard.
+    """
+    from aiohttp import web
+
+    from chatd.api import make_app
+
+    stop = asyncio.Event()
+    _child_signals(stop)
+    secret = auth.load_or_create_secret(cfg.data_path)
+    store = await Store.open(cfg.db_path, synchronous=cfg.db_synchronous)
+
+    def on_message(verb: str, payload: Any) -> None:
+        if verb == "drain":
+            stop.set()
+
+    link = Link(conn, on_message, stop.set)
+    link.start()
+
+    async def publish(event: Event) -> None:
+        link.send("event", encode_event(event))
+
+    runner = web.AppRunner(
+        make_app(cfg, store, secret, publish),
+        access_log=None,
+        shutdown_timeout=cfg.drain_timeout_s / 2,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.host, cfg.api_port, reuse_port=True, backlog=1024)
+    await site.start()
+    link.send("ready", {"port": cfg.api_port})
+    log.info("api %d serving on port %d", index, cfg.api_port)
+    await stop.wait()
+    await runner.cleanup()
+    await store.close()
+    link.close()
+    return 0
+
+
+def api_main(cfg: Config, index: int, conn: Connection) -> None:
+    """Entry point of an API worker child process."""
+    _die_with_parent()
+    setup_logging(cfg.log_level)
+    raise SystemExit(uvloop.run(run_api(cfg, index, conn)))
+
+
 def serve(cfg: Config) -> int:
     """``chatd serve``: run the supervisor and its children until SIGTERM."""
     setup_logging(cfg.log_level)
-    return uvloop.run(Supervisor(cfg, None, shard_main).run())
+    return uvloop.run(Supervisor(cfg, api_main, shard_main).run())

@@ -94,6 +94,9 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     """,
 )
 
+WRITER_CACHE_KIB: Final = 65_536
+WAL_CHECKPOINT_PAGES: Final = 10_000
+
 #: outcome of a submitted message, passed to ``on_commit``
 STORED: Final = 0  # new row; deliver it
 DUPLICATE: Final = 1  # same (userid, cid) was stored before; ack again, do not deliver
@@ -189,6 +192,11 @@ class Store:
             await writer.execute(f"PRAGMA synchronous={synchronous.upper()}")
             await writer.execute("PRAGMA busy_timeout=10000")
             await writer.execute("PRAGMA foreign_keys=ON")
+            # a bigger page cache keeps the hot index pages in memory, and a
+            # longer WAL between checkpoints writes each hot page back once per
+            # checkpoint instead of once per 1000 pages of log
+            await writer.execute(f"PRAGMA cache_size=-{WRITER_CACHE_KIB}")
+            await writer.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
             await _migrate(writer)
             reader = await aiosqlite.connect(path, isolation_level=None)
         except BaseException:
@@ -256,6 +264,10 @@ class Store:
                 outcomes = await self._write_batch(batch)
             except (sqlite3.Error, ValueError) as exc:
                 log.error("batch of %d failed: %s", len(batch), exc)
+                outcomes = [(m, ctx, FAILED) for m, ctx in batch]
+            except Exception:
+                # our bug: fail this batch loudly, but keep the writer alive
+                log.exception("batch of %d failed", len(batch))
                 outcomes = [(m, ctx, FAILED) for m, ctx in batch]
             finally:
                 self._busy = False
@@ -462,6 +474,183 @@ class Store:
             raise
         return added
 
+    # --- HTTP API: accounts, contacts, groups, history ------------------------
+    #
+    # Every write below runs under one lock: the writer connection is one
+    # SQLite connection, and two coroutines interleaving statements on it would
+    # share (and commit or roll back) each other's transaction. The message
+    # writer (``start_writer``) does not take this lock, so a process that
+    # serves the API should not also run the writer on the same ``Store``.
+
+    _api_lock: asyncio.Lock | None = None
+
+    def _write_lock(self) -> asyncio.Lock:
+        if self._api_lock is None:
+            self._api_lock = asyncio.Lock()
+        return self._api_lock
+
+    async def add_user(
+        self, mobile: str, passwd_hash: str, nickname: str = "", avatar: str = "", sex: str = "U"
+    ) -> int | None:
+        """Insert a user and return its id; None if the mobile number is taken."""
+        async with self._write_lock():
+            try:
+                return await self.create_user(mobile, passwd_hash, nickname, avatar, sex)
+            except StoreError:
+                return None
+
+    async def user_by_mobile(self, mobile: str) -> dict[str, Any] | None:
+        """The user row (password hash included) with this mobile number, or None."""
+        return await self._one(f"SELECT {_USER_COLUMNS} FROM users WHERE mobile = ?", (mobile,))
+
+    async def user_by_id(self, uid: int) -> dict[str, Any] | None:
+        """The user row (password hash included) with this id, or None."""
+        return await self._one(f"SELECT {_USER_COLUMNS} FROM users WHERE id = ?", (uid,))
+
+    async def bump_token_version(self, uid: int) -> int:
+        """Void every token of ``uid`` issued so far; the new token version."""
+        async with self._write_lock():
+            cur = await self._w.execute(
+                "UPDATE users SET token_version = token_version + 1 WHERE id = ? "
+                "RETURNING token_version",
+                (uid,),
+            )
+            row = await cur.fetchone()
+            await cur.close()
+        if row is None:
+            raise NotFoundError(f"no user {uid}")
+        return int(row[0])
+
+    async def add_friend(self, uid: int, dstid: int) -> bool:
+        """Make ``uid`` and ``dstid`` friends both ways in one transaction.
+
+        False if they already were (idempotent); ``NotFoundError`` if either
+        user does not exist.
+        """
+        async with self._write_lock():
+            db = self._w
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                for row_id in (uid, dstid):
+                    if not await _exists(db, "users", row_id):
+                        raise NotFoundError(f"no user {row_id}")
+                now = _now_ms()
+                cur = await db.execute(
+                    "INSERT OR IGNORE INTO friends (ownerid, dstid, created_ms) "
+                    "VALUES (?, ?, ?), (?, ?, ?)",
+                    (uid, dstid, now, dstid, uid, now),
+                )
+                added = cur.rowcount > 0
+                await db.execute("COMMIT")
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+        return added
+
+    async def friends(self, uid: int) -> list[dict[str, Any]]:
+        """The friends of ``uid`` (user rows), oldest friendship first."""
+        return await self._all(
+            f"SELECT {_USER_COLUMNS_U} FROM friends f JOIN users u ON u.id = f.dstid "
+            "WHERE f.ownerid = ? ORDER BY f.created_ms, u.id",
+            (uid,),
+        )
+
+    async def add_group(
+        self, name: str, owner: int, icon: str = "", cate: int = 0, memo: str = ""
+    ) -> int:
+        """``create_group`` under the API's write lock."""
+        async with self._write_lock():
+            return await self.create_group(name, owner, icon, cate, memo)
+
+    async def add_member(self, gid: int, uid: int) -> bool:
+        """``join_group`` under the API's write lock: False if already a member."""
+        async with self._write_lock():
+            return await self.join_group(gid, uid)
+
+    async def remove_member(self, gid: int, uid: int) -> bool:
+        """Remove ``uid`` from ``gid``; False if it was not a member."""
+        async with self._write_lock():
+            cur = await self._w.execute(
+                "DELETE FROM members WHERE gid = ? AND uid = ?", (gid, uid)
+            )
+            return cur.rowcount > 0
+
+    async def group_by_id(self, gid: int) -> dict[str, Any] | None:
+        """The communities row of ``gid``, or None."""
+        return await self._one(f"SELECT {_GROUP_COLUMNS} FROM communities WHERE id = ?", (gid,))
+
+    async def groups_of(self, uid: int) -> list[dict[str, Any]]:
+        """The groups ``uid`` is a member of, in the order joined."""
+        return await self._all(
+            f"SELECT {_GROUP_COLUMNS_C} FROM members m JOIN communities c ON c.id = m.gid "
+            "WHERE m.uid = ? ORDER BY m.created_ms, c.id",
+            (uid,),
+        )
+
+    async def members_of(self, gid: int) -> list[dict[str, Any]]:
+        """The members of ``gid`` (user rows), in the order they joined."""
+        return await self._all(
+            f"SELECT {_USER_COLUMNS_U} FROM members m JOIN users u ON u.id = m.uid "
+            "WHERE m.gid = ? ORDER BY m.created_ms, u.id",
+            (gid,),
+        )
+
+    async def joined_id(self, gid: int, uid: int) -> int | None:
+        """The message id from which ``uid`` sees ``gid`` (its join), or None if not a member."""
+        async with self._r.execute(
+            "SELECT joined_id FROM members WHERE gid = ? AND uid = ?", (gid, uid)
+        ) as cur:
+            row = await cur.fetchone()
+        return None if row is None else int(row[0])
+
+    async def private_history(
+        self, uid: int, peer: int, after: int, before: int, limit: int, newest: bool
+    ) -> list[Message]:
+        """Private messages between ``uid`` and ``peer`` with ``after`` < id < ``before``.
+
+        At most ``limit``, in id order: the newest ones of the range if
+        ``newest``, else the oldest.
+        """
+        order = "DESC" if newest else "ASC"
+        sql = (
+            f"SELECT * FROM (SELECT {_MSG_COLUMNS} FROM messages "
+            f"WHERE userid = :a AND cmd = {CMD_PRIVATE} AND dstid = :b "
+            "AND id > :after AND id < :before "
+            f"UNION ALL SELECT {_MSG_COLUMNS} FROM messages "
+            f"WHERE userid = :b AND cmd = {CMD_PRIVATE} AND dstid = :a AND :a != :b "
+            "AND id > :after AND id < :before) "
+            f"ORDER BY id {order} LIMIT :limit"
+        )
+        params = {"a": uid, "b": peer, "after": after, "before": before, "limit": limit}
+        async with self._r.execute(sql, params) as cur:
+            rows = [row_to_message(r) for r in await cur.fetchall()]
+        return rows[::-1] if newest else rows
+
+    async def group_history(
+        self, gid: int, after: int, before: int, limit: int, newest: bool
+    ) -> list[Message]:
+        """Messages of group ``gid`` with ``after`` < id < ``before``, like ``private_history``."""
+        order = "DESC" if newest else "ASC"
+        sql = (
+            f"SELECT {_MSG_COLUMNS} FROM messages WHERE cmd = {CMD_GROUP} AND dstid = ? "
+            f"AND id > ? AND id < ? ORDER BY id {order} LIMIT ?"
+        )
+        async with self._r.execute(sql, (gid, after, before, limit)) as cur:
+            rows = [row_to_message(r) for r in await cur.fetchall()]
+        return rows[::-1] if newest else rows
+
+    async def _one(self, sql: str, params: Sequence[Any]) -> dict[str, Any] | None:
+        async with self._r.execute(sql, params) as cur:
+            row = await cur.fetchone()
+            if row is None:
+                return None
+            return dict(zip([d[0] for d in cur.description], row, strict=True))
+
+    async def _all(self, sql: str, params: Sequence[Any]) -> list[dict[str, Any]]:
+        async with self._r.execute(sql, params) as cur:
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, r, strict=True)) for r in await cur.fetchall()]
+
 
 async def _exists(db: aiosqlite.Connection, table: str, row_id: int) -> bool:
     async with db.execute(f"SELECT 1 FROM {table} WHERE id = ?", (row_id,)) as cur:
@@ -498,3 +687,11 @@ async def _migrate(db: aiosqlite.Connection) -> None:
         except BaseException:
             await db.execute("ROLLBACK")
             raise
+
+# the HTTP API's views of users and groups
+_USER_COLUMNS: Final = (
+    "id, mobile, passwd, nickname, avatar, sex, memo, token_version, banned, created_ms"
+)
+_USER_COLUMNS_U: Final = ", ".join("u." + c.strip() for c in _USER_COLUMNS.split(","))
+_GROUP_COLUMNS: Final = "id, name, ownerid, icon, cate, memo, created_ms"
+_GROUP_COLUMNS_C: Final = ", ".join("c." + c.strip() for c in _GROUP_COLUMNS.split(","))

@@ -34,6 +34,7 @@ from typing import Any, Final
 from chatd import auth
 from chatd.config import Config
 from chatd.control import Link
+from chatd.errors import ConfigError
 from chatd.notify import notify, watchdog_interval_s
 from chatd.store import Store
 
@@ -95,14 +96,25 @@ class Supervisor:
         return replace(cfg, chat_port=chat_port, api_port=api_port)
 
     def _reserve(self, host: str, port: int) -> int:
-        # A bound but not listening SO_REUSEPORT socket holds the port for the
-        # children without taking any of their connections.
+        """Hold ``port`` (0: any free one) for the children; return it.
+
+        A plain bind first proves that nobody holds the port, not even another
+        chatd (SO_REUSEPORT would silently share it with one). Then a bound but
+        not listening SO_REUSEPORT socket holds it for the children without
+        taking any of their connections.
+        """
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+            port = int(probe.getsockname()[1])
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         self._reserved.append(sock)
-        return int(sock.getsockname()[1])
+        return port
 
     # --- children ---------------------------------------------------------------
 

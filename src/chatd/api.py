@@ -1,0 +1,159 @@
+"""The HTTP API (DESIGN §4): accounts, contacts, groups, history, uploads.
+
+``make_app`` builds the aiohttp application; the process that runs it (an
+API worker) wires ``publish`` to the shards so that what the API changes
+(group membership, revoked tokens) reaches live connections at once.
+
+Routes keep the seed's names and its reply envelope (see ``api_common``);
+handlers live in ``api_accounts``, ``api_contacts`` and ``api_media``, the
+OpenAPI description in ``api_openapi``. Every refusal is a JSON envelope with
+``code: -1`` and an HTTP status; an unexpected error is logged with its
+traceback and answered 500 without one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
+from typing import Final
+
+from aiohttp import web
+
+from chatd import auth, media
+from chatd.api_accounts import (
+    handle_find,
+    handle_login,
+    handle_refresh,
+    handle_register,
+    handle_revoke,
+)
+from chatd.api_common import CTX, MAX_BODY_BYTES, ApiError, Ctx, fail, reply
+from chatd.api_contacts import (
+    handle_addfriend,
+    handle_createcommunity,
+    handle_history,
+    handle_joincommunity,
+    handle_loadcommunity,
+    handle_loadfriend,
+    handle_members,
+    handle_quitcommunity,
+)
+from chatd.api_media import handle_media, handle_upload
+from chatd.api_openapi import ENDPOINTS, build_spec
+from chatd.config import Config
+from chatd.control import Publish
+from chatd.store import Store
+
+log = logging.getLogger("chatd.api")
+
+#: worker threads for previews (Pillow releases the GIL while it decodes and resizes)
+DEFAULT_WORKERS: Final = 2
+SECURITY_HEADERS: Final = {
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_HANDLERS: Final[dict[str, Handler]] = {
+    "/user/register": handle_register,
+    "/user/login": handle_login,
+    "/user/find": handle_find,
+    "/user/refresh": handle_refresh,
+    "/user/revoke": handle_revoke,
+    "/contact/addfriend": handle_addfriend,
+    "/contact/loadfriend": handle_loadfriend,
+    "/contact/createcommunity": handle_createcommunity,
+    "/contact/joincommunity": handle_joincommunity,
+    "/contact/quitcommunity": handle_quitcommunity,
+    "/contact/loadcommunity": handle_loadcommunity,
+    "/contact/members": handle_members,
+    "/chat/history": handle_history,
+    "/attach/upload": handle_upload,
+}
+
+
+@web.middleware
+async def envelope_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every refusal into the JSON envelope; add the security headers."""
+    try:
+        response = await handler(request)
+    except ApiError as exc:
+        response = fail(exc.status, exc.msg)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = fail(exc.status, exc.reason)
+        if exc.status == 405:
+            response.headers["Allow"] = exc.headers.get("Allow", "")
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        response = fail(500, "internal server error")
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    return response
+
+
+async def handle_healthz(request: web.Request) -> web.Response:
+    """200 ``{"status": "ok"}`` when the store answers, else 503."""
+    try:
+        await request.app[CTX].store.max_message_id()
+    except Exception as exc:
+        log.error("healthz: store failed: %s", exc)
+        return reply(503, {"status": "error"})
+    return reply(200, {"status": "ok"})
+
+
+async def handle_openapi(request: web.Request) -> web.Response:
+    return reply(200, build_spec())
+
+
+def make_app(
+    cfg: Config,
+    store: Store,
+    secret: bytes,
+    publish: Publish,
+    *,
+    executor: Executor | None = None,
+    max_upload_bytes: int = media.MAX_UPLOAD_BYTES,
+) -> web.Application:
+    """The API application over ``store``; ``publish`` gets each control event.
+
+    ``executor`` runs previews (default: a pool of ``DEFAULT_WORKERS`` threads,
+    shut down with the app); ``max_upload_bytes`` bounds an upload.
+    """
+    own_pool = executor is None
+    pool: Executor = executor or ThreadPoolExecutor(DEFAULT_WORKERS, "chatd-media")
+    ctx = Ctx(
+        cfg=cfg,
+        store=store,
+        secret=secret,
+        publish=publish,
+        executor=pool,
+        media_dir=cfg.data_path / "media",
+        max_upload_bytes=max_upload_bytes,
+    )
+    app = web.Application(middlewares=[envelope_middleware], client_max_size=MAX_BODY_BYTES)
+    app[CTX] = ctx
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        ctx.media_dir.mkdir(parents=True, exist_ok=True)
+        ctx.dummy_hash = await loop.run_in_executor(None, auth.hash_password, "not a password")
+        yield
+        if own_pool:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    app.cleanup_ctx.append(lifecycle)
+    for path, handler in _HANDLERS.items():
+        methods = ENDPOINTS[path].methods
+        for method in methods:
+            app.router.add_route(method, path, handler)
+    app.router.add_get("/media/{name}", handle_media)
+    app.router.add_get("/healthz", handle_healthz)
+    app.router.add_get("/openapi.json", handle_openapi)
+    return app
