@@ -11,6 +11,7 @@ Every wait is bounded by ``UNIT`` seconds times a small factor; set
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 import re
@@ -171,11 +172,12 @@ class ServerProcess:
         self.data_dir = data_dir
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "chatd", "serve", "--host", "127.0.0.1", "--chat-port", "0",
-             "--data-dir", str(data_dir), *extra],
+             "--api-port", "0", "--data-dir", str(data_dir), *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, **(env or {})})
         self.lines: list[str] = []
         self.port = 0
+        self.api_port = 0
 
     async def started(self, timeout: float = 20.0) -> int:
         """Wait for the ``listening`` line; return the port."""
@@ -185,8 +187,10 @@ class ServerProcess:
             assert self.proc.stdout is not None
             for line in self.proc.stdout:
                 self.lines.append(line)
-                m = re.search(r"listening .*port=(\d+)", line)
+                m = re.search(r"listening .*?\bport=(\d+)", line)
                 if m:
+                    api = re.search(r"\bapi_port=(\d+)", line)
+                    self.api_port = int(api.group(1)) if api else 0
                     return int(m.group(1))
             raise AssertionError("server exited before listening:\n" + "".join(self.lines))
 
@@ -204,6 +208,136 @@ class ServerProcess:
         return rc
 
     def kill(self) -> None:
+        """SIGKILL the server if it still runs, and release its pipe."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+# --- helpers added for the foundation test suite ---------------------------------
+
+
+class TypedClient(Client):
+    """A ``Client`` that also remembers whether each frame was text or binary.
+
+    Use ``recv_typed`` (not ``recv``) on it: it returns ``("text"|"binary", frame)``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kinds: collections.deque[str] = collections.deque()
+
+    def on_ws_frame(self, transport: Any, frame: Any) -> None:
+        if frame.msg_type == WSMsgType.TEXT:
+            self.kinds.append("text")
+        elif frame.msg_type == WSMsgType.BINARY:
+            self.kinds.append("binary")
+        super().on_ws_frame(transport, frame)
+
+    async def recv_typed(self, timeout: float = 5.0) -> tuple[str, dict[str, Any]]:
+        frame = await self.recv(timeout)
+        return self.kinds.popleft(), frame
+
+
+async def connect_typed(url: str, **kwargs: Any) -> TypedClient:
+    _, client = await ws_connect(TypedClient, url, **kwargs)
+    return client  # type: ignore[no-any-return]
+
+
+async def send_acked(client: Client, dstid: int, n: int, *, cmd: int = 10, prefix: str = "m",
+                     timeout: float = 10.0) -> list[dict[str, Any]]:
+    """Send ``n`` text messages with cids ``{prefix}{i}`` and wait for every ack.
+
+    Returns the acks in cid order. Frames other than acks of these cids that
+    arrive meanwhile are dropped.
+    """
+    cids = [f"{prefix}{i}" for i in range(n)]
+    for i, cid in enumerate(cids):
+        client.send(cmd=cmd, dstid=dstid, media=1, content=f"{prefix} body {i}", cid=cid)
+    acks: dict[str, dict[str, Any]] = {}
+    wanted = set(cids)
+
+    async def go() -> None:
+        while wanted - acks.keys():
+            frame = await client.frames.get()
+            assert frame.get("cmd") != 5, f"error frame while sending: {frame}"
+            if frame.get("cmd") == 1 and frame.get("cid") in wanted:
+                acks[frame["cid"]] = frame
+
+    await asyncio.wait_for(go(), timeout * UNIT)
+    return [acks[c] for c in cids]
+
+
+async def sync_all(client: Client, after: int = 0,
+                   timeout: float = 10.0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Send cmd 4 from ``after`` and collect frames up to the answering cmd 4.
+
+    Returns (every frame before the cmd 4, the cmd 4 frame).
+    """
+    client.send(cmd=4, id=after)
+    frames: list[dict[str, Any]] = []
+
+    async def go() -> dict[str, Any]:
+        while True:
+            frame = await client.frames.get()
+            if frame.get("cmd") == 4:
+                return frame
+            frames.append(frame)
+
+    end = await asyncio.wait_for(go(), timeout * UNIT)
+    return frames, end
+
+
+async def http_request(port: int, raw: bytes,
+                       timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
+    """Send a raw HTTP request to 127.0.0.1:``port``; (status, headers, body).
+
+    Header names are lower-cased. The body is read by Content-Length, or to EOF.
+    """
+    async def go() -> tuple[int, dict[str, str], bytes]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(raw)
+            await writer.drain()
+            head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            status = int(lines[0].split()[1])
+            headers: dict[str, str] = {}
+            for line in lines[1:]:
+                if ":" in line:
+                    k, _, v = line.partition(":")
+                    headers[k.strip().lower()] = v.strip()
+            if "content-length" in headers:
+                body = await reader.readexactly(int(headers["content-length"]))
+            elif status == 101:
+                body = b""
+            else:
+                body = await reader.read()
+            return status, headers, body
+        finally:
+            writer.close()
+
+    return await asyncio.wait_for(go(), timeout * UNIT)
+
+
+@pytest.fixture
+def server_procs() -> Any:
+    """A list to put ``ServerProcess``es in; every one is killed at teardown."""
+    procs: list[ServerProcess] = []
+    yield procs
+    for p in procs:
+        p.kill()
+        if p.proc.stdout is not None:
+            p.proc.stdout.close()
+
+
+async def close_clients(*clients: Client) -> None:
+    """Close picows clients that no in-process node will close (ServerProcess tests)."""
+    for c in clients:
+        if not c.closed.is_set():
+            c.tr.send_close()
+            c.tr.disconnect()
+    for c in clients:
+        await c.wait_closed()

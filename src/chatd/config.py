@@ -10,6 +10,7 @@ of the wrong type are refused with a ``ConfigError`` that names the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -116,8 +117,9 @@ def _check(cfg: Config) -> Config:
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key}: must be positive")
     for key in ("rate_per_s", "idle_timeout_s", "drain_timeout_s"):
-        if getattr(cfg, key) <= 0:
-            raise ConfigError(f"{key}: must be positive")
+        value = getattr(cfg, key)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{key}: must be a positive number")
     if cfg.db_synchronous.upper() not in ("NORMAL", "FULL"):
         raise ConfigError("db_synchronous: must be NORMAL or FULL")
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):

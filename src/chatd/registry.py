@@ -33,6 +33,7 @@ class Registry:
         self._stripes: list[dict[int, list[Any]]] = [{} for _ in range(STRIPES)]
         self._locks = [threading.Lock() for _ in range(STRIPES)]
         self.groups: dict[int, set[Any]] = {}
+        #: connections upgraded on this shard (registered or still loading)
         self.count = 0
 
     @property
@@ -47,6 +48,15 @@ class Registry:
         """The live connections of ``uid`` on this shard, or None."""
         return self._stripes[uid & _MASK].get(uid)
 
+    def reserve(self) -> None:
+        """Count a connection from its upgrade on, before it is registered, so
+        that handshakes arriving together cannot pass the cap together."""
+        self.count += 1
+
+    def release(self) -> None:
+        """Uncount a connection that is gone (registered or not)."""
+        self.count -= 1
+
     def add(self, conn: Any) -> None:
         """Register ``conn`` under its uid (another device of the user is kept)."""
         uid = conn.uid
@@ -57,7 +67,6 @@ class Registry:
                 stripe[uid] = [conn]
             else:
                 conns.append(conn)
-            self.count += 1
 
     def remove(self, conn: Any) -> bool:
         """Forget ``conn`` and take it out of its groups; False if unknown."""
@@ -70,7 +79,6 @@ class Registry:
             conns.remove(conn)
             if not conns:
                 del stripe[uid]
-            self.count -= 1
         for gid in conn.groups:
             self.leave(conn, gid)
         return True

@@ -86,8 +86,10 @@ class Router:
         for msg, src, status in outcomes:
             if status in (STORED, DUPLICATE):
                 reply = Message(cmd=CMD_ACK, id=msg.id, cid=msg.cid, ts=msg.ts)
-                if status == STORED and not src.live_from:
-                    src.live_from = msg.id
+                if status == STORED:
+                    src.top = msg.id
+                    if not src.live_from:
+                        src.live_from = msg.id
             elif status == NO_RECEIVER:
                 reply = error_frame(FrameError(ERR_NOT_FOUND, f"no user {msg.dstid}", msg.cid))
             else:
@@ -138,6 +140,7 @@ class Router:
                     out[conn] = [data]
                 else:
                     frames.append(data)
+                conn.top = msg.id
                 if not conn.live_from:
                     conn.live_from = msg.id
                 sent += 1

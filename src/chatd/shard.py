@@ -40,6 +40,7 @@ from chatd.auth import TokenChecker
 from chatd.config import Config
 from chatd.control import Event, GroupJoined, GroupLeft, TokensRevoked, UserBanned
 from chatd.errors import AuthError, FrameError
+from chatd.media import preview_url_for
 from chatd.registry import STRIPES, Registry
 from chatd.router import CLOSING, LIVE, SYNCING, Router
 from chatd.session import RateLimiter, add_fragment
@@ -63,6 +64,7 @@ from chatd.wire import (
     ERR_CONFLICT,
     ERR_FORBIDDEN,
     ERR_SERVER,
+    MEDIA_IMAGE,
     Message,
     decode_json,
     decode_msgpack,
@@ -141,6 +143,7 @@ class Conn(WSListener):
         "held",
         "waiting",
         "live_from",
+        "top",
         "closed_tick",
         "writable",
     )
@@ -160,6 +163,7 @@ class Conn(WSListener):
         self.held: list[Message] | None = None
         self.waiting: list[Message] | None = None
         self.live_from = 0
+        self.top = 0
         self.closed_tick = 0
         self.writable: asyncio.Future[None] | None = None
 
@@ -171,6 +175,7 @@ class Conn(WSListener):
         transport.underlying_transport.set_write_buffer_limits(high=shard.cfg.slow_consumer_bytes)
         if shard.limiter is not None:
             shard.limiter.start(self, _monotonic())
+        shard.registry.reserve()
         # another device of the user on this shard already knows the groups
         devices = shard.registry.get(self.uid)
         if devices:
@@ -178,6 +183,7 @@ class Conn(WSListener):
         else:
             # frames that arrive before the groups are known wait for them
             self.waiting = []
+            shard.loading.add(self)
             shard.spawn(self._load_groups())
 
     async def _load_groups(self) -> None:
@@ -188,6 +194,7 @@ class Conn(WSListener):
             log.error("loading groups of user %d failed: %s", self.uid, exc)
             self.close(CLOSE_SERVER_ERROR, "server error")
             return
+        shard.loading.discard(self)
         if self.state == CLOSING:
             return
         self._register(groups)
@@ -204,7 +211,10 @@ class Conn(WSListener):
 
     def on_ws_disconnected(self, transport: Any) -> None:
         self.state = CLOSING
-        self.shard.registry.remove(self)
+        shard = self.shard
+        shard.loading.discard(self)
+        shard.registry.remove(self)
+        shard.registry.release()
         if self.writable is not None and not self.writable.done():
             self.writable.set_result(None)
 
@@ -296,6 +306,9 @@ class Conn(WSListener):
             msg.userid = self.uid  # never trust the client's userid
             msg.id = msg.ts = 0
             shard = self.shard
+            if msg.media == MEDIA_IMAGE and not msg.pic:
+                # recipients download the small preview first, not the original
+                msg.pic = preview_url_for(msg.url, shard.media_dir) or ""
             if shard.draining or not shard.store.submit(msg, self):
                 self.send_error(ERR_BUSY, "server busy, retry later", msg.cid)
         elif cmd == CMD_SYNC:
@@ -362,7 +375,8 @@ class Conn(WSListener):
             self._end_sync(last)
             return
         self._end_sync(last)
-        self.send_msg(Message(cmd=CMD_SYNC, id=max(last, self.live_from, 0)))
+        # the high-water mark: everything up to it is on the client now
+        self.send_msg(Message(cmd=CMD_SYNC, id=max(last, self.top)))
 
     def _end_sync(self, last: int) -> None:
         held, self.held = self.held or [], None
@@ -375,6 +389,8 @@ class Conn(WSListener):
                 last = msg.id
                 if not self.live_from:
                     self.live_from = msg.id
+        if last > self.top:
+            self.top = last
 
 
 class Shard:
@@ -387,6 +403,9 @@ class Shard:
         self.registry = Registry(cfg.max_conns)
         self.router = Router(self.registry)
         self.limiter = RateLimiter(cfg.rate_per_s, cfg.rate_burst) if cfg.rate_limit else None
+        self.media_dir = cfg.data_path / "media"
+        #: connections upgraded but not registered yet (their groups are loading)
+        self.loading: set[Conn] = set()
         self.tick = 1
         self.draining = False
         self.port = 0
@@ -523,7 +542,7 @@ class Shard:
             await asyncio.wait_for(self.store.flush(), timeout_s * 0.8)
         except TimeoutError:
             log.error("drain: store did not flush %d queued messages in time", self.store.queued)
-        conns = list(self.registry)
+        conns = [*self.registry, *self.loading]
         for conn in conns:
             conn.close(CLOSE_GOING_AWAY, "server going away")
         waits = [c.tr.wait_disconnected() for c in conns]

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import UNIT, ServerProcess, connect, run_cli
 
 
@@ -45,7 +44,9 @@ async def test_a_killed_shard_is_restarted_on_the_same_port(tmp_path: Path) -> N
     server = ServerProcess(data)
     try:
         port = await server.started()
-        [shard] = _children(server)
+        [pid] = re.findall(r"started shard-0 \(pid (\d+)\)", "".join(server.lines))
+        shard = psutil.Process(int(pid))
+        assert shard in _children(server)
         client = await connect(f"ws://127.0.0.1:{port}/chat?id={uid}&token={token}")
         shard.kill()
         await client.wait_closed()

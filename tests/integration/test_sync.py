@@ -1,0 +1,169 @@
+"""Sync (cmd 4): what a user missed, only theirs, in id order, in pages, ending
+with the high-water mark, and no duplicates around live traffic."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from conftest import Client, Node, connect, send_acked, sync_all
+
+
+async def online(node: Node, uid: int) -> Client:
+    client = await connect(node.url(uid))
+    await sync_all(client)
+    return client
+
+
+def ids(frames: Iterable[dict]) -> list[int]:
+    return [f["id"] for f in frames]
+
+
+async def test_offline_user_gets_what_it_missed_in_pages(node_factory) -> None:
+    node = await node_factory(sync_page=3)
+    alice, bob = await node.user(), await node.user()
+    a = await online(node, alice)
+    acks = await send_acked(a, bob, 10)
+    b = await connect(node.url(bob))
+    frames, end = await sync_all(b)
+    assert ids(frames) == [ack["id"] for ack in acks]
+    assert [f["content"] for f in frames] == [f"m body {i}" for i in range(10)]
+    assert all(f["cmd"] == 10 and f["userid"] == alice and f["dstid"] == bob for f in frames)
+    assert [f["cid"] for f in frames] == [ack["cid"] for ack in acks]
+    assert [f["ts"] for f in frames] == [ack["ts"] for ack in acks]
+    assert end == {"cmd": 4, "id": acks[-1]["id"]}
+    b.assert_silent()
+
+
+async def test_sync_from_a_known_id_sends_only_newer(node_factory) -> None:
+    node = await node_factory(sync_page=3)
+    alice, bob = await node.user(), await node.user()
+    a = await online(node, alice)
+    acks = await send_acked(a, bob, 10)
+    b = await connect(node.url(bob))
+    frames, end = await sync_all(b, after=acks[6]["id"])
+    assert ids(frames) == [ack["id"] for ack in acks[7:]]
+    assert end["id"] == acks[-1]["id"]
+    frames, end = await sync_all(b, after=acks[-1]["id"])  # up to date
+    assert frames == [] and end["id"] == acks[-1]["id"]
+
+
+async def test_sync_returns_only_the_users_own_conversations(node_factory) -> None:
+    node = await node_factory(sync_page=3)
+    alice, bob, carol, dave = [await node.user() for _ in range(4)]
+    g_ab = await node.group(alice, bob)
+    g_cd = await node.group(carol, dave)
+    g_late = await node.group(carol)
+    a, c, d = await online(node, alice), await online(node, carol), await online(node, dave)
+    mine = []
+    mine += await send_acked(a, bob, 2, prefix="a-to-b")
+    await send_acked(c, dave, 2, prefix="c-to-d")  # someone else's private chat
+    await send_acked(d, carol, 1, prefix="d-to-c")
+    mine += await send_acked(a, g_ab, 2, cmd=11, prefix="in-ab")
+    await send_acked(c, g_cd, 2, cmd=11, prefix="in-cd")  # a group bob is not in
+    await send_acked(c, g_late, 2, cmd=11, prefix="before-join")
+    await node.store.join_group(g_late, bob)
+    b = await connect(node.url(bob))  # first connection: its groups come from the store
+    frames, _ = await sync_all(b)  # (the first sync, before bob sends anything)
+    mine += await send_acked(b, alice, 1, prefix="b-to-a")  # bob's own sent messages
+    mine += await send_acked(c, g_late, 1, cmd=11, prefix="after-join")
+    frames, end = await sync_all(await connect(node.url(bob)))
+    assert ids(frames) == sorted(ack["id"] for ack in mine)
+    contents = [f["content"] for f in frames]
+    assert not any(x.startswith(("c-to-d", "d-to-c", "in-cd", "before-join")) for x in contents)
+    assert end["id"] == max(ack["id"] for ack in mine)
+
+
+async def test_no_duplicates_when_live_messages_arrive_during_a_sync(node_factory) -> None:
+    node = await node_factory(sync_page=3)
+    alice, bob = await node.user(), await node.user()
+    a = await online(node, alice)
+    before = await send_acked(a, bob, 10, prefix="old")
+    b = await connect(node.url(bob))
+    b.send(cmd=4, id=0)
+    # alice keeps talking while bob's replay runs
+    during = await send_acked(a, bob, 10, prefix="new")
+    (marker,) = await send_acked(a, bob, 1, prefix="marker")
+    got: list[dict] = []
+    while marker["id"] not in ids(f for f in got if f["cmd"] == 10) or not any(
+        f["cmd"] == 4 for f in got
+    ):
+        got.append(await b.recv())
+    messages = [f for f in got if f["cmd"] == 10]
+    expected = [ack["id"] for ack in before + during + [marker]]
+    assert len(set(ids(messages))) == len(messages), "a message came twice"
+    assert sorted(ids(messages)) == expected
+    # all of it arrived in id order, since live copies wait for the replay
+    assert ids(messages) == expected
+    (end,) = [f for f in got if f["cmd"] == 4]
+    # the high-water mark covers every message delivered before it
+    seen = ids(f for f in got[: got.index(end)] if f["cmd"] == 10)
+    assert end["id"] == max(seen)
+    b.assert_silent()
+
+
+async def test_no_duplicates_around_a_sync_after_live_messages(node_factory) -> None:
+    node = await node_factory(sync_page=3)
+    alice, bob = await node.user(), await node.user()
+    a = await online(node, alice)
+    before = await send_acked(a, bob, 7, prefix="old")
+    b = await connect(node.url(bob))
+    # bob is online but has not synced yet: new messages come to him live
+    _, end0 = await sync_all(b, after=before[-1]["id"])  # registered, nothing new
+    live = await send_acked(a, bob, 2, prefix="live")
+    assert ids([await b.recv(), await b.recv()]) == ids(live)
+    frames, end = await sync_all(b, after=0)  # now he asks for his past
+    assert ids(frames) == ids(before)  # what came live is not replayed
+    (after,) = await send_acked(a, bob, 1, prefix="after")
+    assert (await b.recv())["id"] == after["id"]
+    b.assert_silent()
+
+
+async def test_high_water_mark_covers_what_came_live_before_the_sync(node_factory) -> None:
+    """The cmd-4 answer is the id the client can sync from next time without
+    getting anything twice: the highest id it now has."""
+    node = await node_factory(sync_page=3)
+    alice, bob = await node.user(), await node.user()
+    a = await online(node, alice)
+    before = await send_acked(a, bob, 5, prefix="old")
+    b = await connect(node.url(bob))
+    await sync_all(b, after=before[-1]["id"])
+    live = await send_acked(a, bob, 2, prefix="live")
+    assert ids([await b.recv(), await b.recv()]) == ids(live)
+    frames, end = await sync_all(b, after=0)
+    assert ids(frames) == ids(before)
+    assert end["id"] == live[-1]["id"]
+    # syncing from that mark on a new device gives nothing already seen
+    frames, _ = await sync_all(await connect(node.url(bob)), after=end["id"])
+    assert frames == []
+
+
+async def test_a_second_sync_while_one_runs_is_409(node_factory) -> None:
+    node = await node_factory(sync_page=1)
+    alice, bob = await node.user(), await node.user()
+    await send_acked(await online(node, alice), bob, 20)
+    b = await connect(node.url(bob))
+    b.send(cmd=4, id=0, cid="first")
+    b.send(cmd=4, id=0, cid="second")
+    got = []
+    while True:
+        frame = await b.recv()
+        got.append(frame)
+        if frame["cmd"] == 4:
+            break
+    errors = [f for f in got if f["cmd"] == 5]
+    # the second request was either refused with 409 or served after the first
+    if errors:
+        assert errors == [{"cmd": 5, "amount": 409, "memo": errors[0]["memo"], "cid": "second"}]
+    assert len([f for f in got if f["cmd"] == 10]) == 20
+
+
+async def test_group_messages_are_synced_with_the_senders_own_devices(node_factory) -> None:
+    node = await node_factory(sync_page=2)
+    alice, bob = await node.user(), await node.user()
+    gid = await node.group(alice, bob)
+    a = await online(node, alice)
+    acks = await send_acked(a, gid, 5, cmd=11)
+    for uid in (alice, bob):  # a new device of the sender sees its own messages too
+        frames, end = await sync_all(await connect(node.url(uid)))
+        assert ids(frames) == ids(acks) and end["id"] == acks[-1]["id"]
+        assert all(f["cmd"] == 11 and f["dstid"] == gid for f in frames)
