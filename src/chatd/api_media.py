@@ -20,7 +20,7 @@ from typing import Any, Final
 from aiohttp import BodyPartReader, web
 
 from chatd import media
-from chatd.api_common import CTX, ApiError, authenticate, in_executor, ok, token_of
+from chatd.api_common import CTX, ApiError, authenticate, in_executor, reply, token_of
 
 #: room for the multipart framing and small text fields around the file
 MULTIPART_SLACK_BYTES: Final = 16 * 1024
@@ -73,8 +73,14 @@ async def handle_upload(request: web.Request) -> web.Response:
         upload: media.Upload = await in_executor(ctx, media.store_upload, data, ctx.media_dir)
     except media.MediaError as exc:
         raise ApiError(exc.status, exc.reason) from None
-    return ok(
+    # the seed's front-end reads ``data`` as the url string; the rest rides
+    # beside it in the envelope for clients that want the preview and sizes
+    return reply(
+        200,
         {
+            "code": 0,
+            "msg": "",
+            "data": upload.url,
             "url": upload.url,
             "pic": upload.pic,
             "media": upload.kind.media,
@@ -82,7 +88,7 @@ async def handle_upload(request: web.Request) -> web.Response:
             "size": upload.size,
             "width": upload.width,
             "height": upload.height,
-        }
+        },
     )
 
 

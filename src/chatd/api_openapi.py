@@ -157,6 +157,12 @@ def _reply(data: str) -> dict[str, Any]:
             "type": "object",
             "properties": {"rows": {"type": "array", "items": item}, "total": _INT},
         }
+    elif data == "Upload":
+        # the seed's clients read data as the url: the details ride beside it
+        seed = {"type": "string", "description": "the url, as the seed's clients read it"}
+        schema = {"allOf": [_ref("Envelope"), {"type": "object", "properties": {"data": seed}},
+                            _ref("Upload")]}
+        return {"description": "code 0", "content": {"application/json": {"schema": schema}}}
     else:
         inner = _ref(data)
     schema = {"allOf": [_ref("Envelope"), {"type": "object", "properties": {"data": inner}}]}

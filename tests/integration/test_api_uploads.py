@@ -28,6 +28,15 @@ def _form(data: bytes, filename: str = "x.bin", ctype: str = "application/octet-
     return form
 
 
+async def _upload_ok(api: Api, **kwargs: Any) -> dict[str, Any]:
+    """The reply of an upload that must succeed: the url in ``data`` (as the
+    seed reads it) and the details beside it."""
+    status, body = await api.call("/attach/upload", **kwargs)
+    assert (status, body["code"]) == (200, 0), body
+    assert body["data"] == body["url"]
+    return body
+
+
 async def _upload(api: Api, token: str, data: bytes, **kwargs: Any) -> tuple[int, dict[str, Any]]:
     return await api.call("/attach/upload", data=_form(data, **kwargs), token=token)
 
@@ -42,7 +51,8 @@ async def test_image_upload_gives_url_and_preview(api: Api) -> None:
     png = image_bytes("PNG", (600, 300), "RGBA", (0, 128, 255, 100))
     status, body = await _upload(api, token, png, filename="evil.html", ctype="text/html")
     assert status == 200, body
-    data = body["data"]
+    assert body["data"] == body["url"]  # the seed reads data as the url
+    data = body
     assert data["media"] == 4 and data["size"] == len(png)
     assert (data["width"], data["height"]) == (600, 300)
     assert data["url"].startswith("/media/") and data["url"].endswith(".png")
@@ -64,7 +74,7 @@ async def test_image_upload_gives_url_and_preview(api: Api) -> None:
         assert im.format == "JPEG" and im.size == (256, 128)
 
     # the same bytes again: the same resource
-    again = (await _upload(api, token, png))[1]["data"]
+    again = (await _upload(api, token, png))[1]
     assert again == data
     # the shard's mapping for media-4 messages without pic
     assert preview_url_for(data["url"], api.node.cfg.data_path / "media") == data["pic"]
@@ -73,7 +83,7 @@ async def test_image_upload_gives_url_and_preview(api: Api) -> None:
 async def test_jpeg_preview_bounded(api: Api) -> None:
     _, token = await api.user()
     jpeg = image_bytes("JPEG", (1200, 1600), quality=90)
-    data = await api.ok("/attach/upload", data=_form(jpeg), token=token)
+    data = await _upload_ok(api, data=_form(jpeg), token=token)
     assert data["url"].endswith(".jpg") and (data["width"], data["height"]) == (1200, 1600)
     _, _, preview = await _get(api, data["pic"])
     with Image.open(io.BytesIO(preview)) as im:
@@ -92,7 +102,7 @@ async def test_voice_and_video_are_opaque_attachments(api: Api) -> None:
          "video/webm"),
     ]
     for raw, media, mime in files:
-        data = await api.ok("/attach/upload", data=_form(raw, filename="a.png",
+        data = await _upload_ok(api, data=_form(raw, filename="a.png",
                                                          ctype="image/png"), token=token)
         assert (data["media"], data["pic"], data["width"]) == (media, "", 0), mime
         status, headers, got = await _get(api, data["url"])
@@ -158,7 +168,7 @@ async def test_upload_size_limit(api_factory: Any) -> None:
     status, _, body = await http_request(api.port, raw)
     assert status == 413 and b'"code":-1' in body
     # just under the limit is fine
-    data = await api.ok("/attach/upload", data=_form(b"OggS" + b"\x00" * (60 * 1024)),
+    data = await _upload_ok(api, data=_form(b"OggS" + b"\x00" * (60 * 1024)),
                         token=token)
     assert data["size"] == 60 * 1024 + 4
 
@@ -170,7 +180,7 @@ async def test_upload_auth(api: Api) -> None:
     status, _ = await api.call("/attach/upload", data=_form(png))
     assert status == 401
     # the seed's way: userid and token as form fields next to the file
-    data = await api.ok("/attach/upload", data=_form(png, userid=uid, token=token))
+    data = await _upload_ok(api, data=_form(png, userid=uid, token=token))
     assert data["media"] == 4
     status, _ = await api.call("/attach/upload", data=_form(png, userid=other, token=token))
     assert status == 403
@@ -184,7 +194,7 @@ async def test_upload_auth(api: Api) -> None:
 
 async def test_no_path_traversal(api: Api) -> None:
     _, token = await api.user()
-    digest_url = (await api.ok("/attach/upload", data=_form(image_bytes()), token=token))["url"]
+    digest_url = (await _upload_ok(api, data=_form(image_bytes()), token=token))["url"]
     digest = digest_url[len("/media/"):-len(".png")]
     paths = [
         "/media/../chatd.db", "/media/..%2fchatd.db", "/media/%2e%2e/chatd.db",

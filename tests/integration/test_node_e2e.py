@@ -22,10 +22,13 @@ class Http:
         self.base = f"http://127.0.0.1:{port}"
 
     async def ok(self, path: str, **kwargs: Any) -> Any:
+        return (await self.body(path, **kwargs))["data"]
+
+    async def body(self, path: str, **kwargs: Any) -> Any:
         async with self.session.post(self.base + path, **kwargs) as resp:
             body = await resp.json()
             assert (resp.status, body["code"]) == (200, 0), body
-            return body["data"]
+            return body
 
 
 async def _register(http: Http, mobile: str) -> tuple[int, str]:
@@ -73,7 +76,7 @@ async def test_api_changes_reach_live_connections_across_processes(tmp_path: Pat
             Image.new("RGB", (1200, 800), (200, 30, 30)).save(buf, "JPEG")
             form = aiohttp.FormData()
             form.add_field("file", buf.getvalue(), filename="x.jpg", content_type="image/jpeg")
-            upload = await http.ok("/attach/upload", data=form,
+            upload = await http.body("/attach/upload", data=form,
                                    headers={"Authorization": f"Bearer {alice_token}"})
             a.send(cmd=10, dstid=bob, media=4, url=upload["url"], cid="img1")
             copy = await b.recv_until(lambda f: f.get("cid") == "img1")
