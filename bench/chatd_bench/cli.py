@@ -3,6 +3,8 @@
 Examples::
 
     chatd-bench private --duration 10 --pin 0:1
+    chatd-bench upload --duration 10 --window 4     # HTTP API: 1 MB JPEG + preview
+    chatd-bench login --duration 10 --window 8      # HTTP API: scrypt logins
     chatd-bench group --members 10,100,1000 --vs
     chatd-bench connect --conns 10000 --conn-rate 2000 --vs picows,node
     chatd-bench mixed --rate 2000 --users 2000 --json out.jsonl --plot out.png
@@ -25,6 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from chatd_bench import report
+from chatd_bench.api import API_SCENARIOS, run_api
 from chatd_bench.run import BenchError, Options, Target, layouts_for, run_once, users_needed
 from chatd_bench.servers import (
     PEERS,
@@ -37,7 +40,7 @@ from chatd_bench.servers import (
 )
 from chatd_bench.setup import SetupError, Users, load_users_file, peer_users, prepare_chatd
 
-SCENARIOS = ("connect", "private", "group", "mixed", "soak")
+SCENARIOS = ("connect", "private", "group", "mixed", "soak", *API_SCENARIOS)
 
 
 def parse_cpus(text: str) -> list[int]:
@@ -129,6 +132,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for p in peers:
         if p not in PEERS:
             _parser().error(f"--vs: unknown peer {p!r} (one of {', '.join(PEERS)})")
+    if args.scenario in API_SCENARIOS:
+        if peers or args.url:
+            _parser().error(f"{args.scenario}: the peers have no HTTP API; --vs and --url "
+                            "do not apply")
+        results = [_run_api(args, server_cpus)]
+        _emit(args, results)
+        return 0 if results[0]["ok"] else 1
     tmp = None
     results: list[dict[str, Any]] = []
     try:
@@ -238,6 +248,19 @@ def _run_chatd(args: argparse.Namespace, opts: Options, users: Users, cpus: str 
     if crashes:
         result.setdefault("warnings", []).append("server logged errors: " + crashes[0])
     return result
+
+
+def _run_api(args: argparse.Namespace, cpus: str | None) -> dict[str, Any]:
+    data_dir = args.data_dir or tempfile.mkdtemp(prefix="chatd-bench-")
+    server = ChatdServer(data_dir, cpus)
+    try:
+        server.wait_ready()
+        return run_api(args.scenario, f"http://127.0.0.1:{server.api_port}", server.pid,
+                       f"chatd {args.scenario}", args.duration or 10.0, args.window or 4)
+    finally:
+        server.stop()
+        if not args.data_dir:
+            shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def _run_peer(args: argparse.Namespace, opts: Options, name: str, cpus: str | None,

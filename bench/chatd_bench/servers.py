@@ -187,7 +187,7 @@ class ChatdServer(_Child):
         env = {**os.environ, "CHATD_RATE_LIMIT": "false", "CHATD_LOG_LEVEL": "info",
                **(extra_env or {})}
         argv = [*_taskset(cpus), sys.executable, "-m", "chatd", "serve", "--host", "127.0.0.1",
-                "--chat-port", "0", "--data-dir", str(self.data_dir)]
+                "--chat-port", "0", "--api-port", "0", "--data-dir", str(self.data_dir)]
         self._spawn(argv, env)
 
     def wait_ready(self, timeout_s: float = 30.0) -> int:
@@ -198,6 +198,8 @@ class ChatdServer(_Child):
         if not m:
             raise ServerError(f"chatd: no port in {line!r}")
         self.port = int(m.group(1))
+        api = re.search(r"\bapi_port=(\d+)", line)
+        self.api_port = int(api.group(1)) if api else 0
         return self.port
 
     def store_bytes(self) -> int:

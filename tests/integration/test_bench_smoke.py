@@ -43,3 +43,17 @@ def test_scenario_runs_clean(name: str, tmp_path: Path) -> None:
         if r["scenario"] != "connect":
             assert t["sent"] > 0 and t["acked"] == t["sent"]
     assert png.stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["upload", "login"])
+def test_api_scenario_runs_clean(name: str, tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    argv = [sys.executable, "-m", "chatd_bench.cli", name, "--duration", "1", "--window", "2",
+            "--quiet", "--data-dir", str(tmp_path / "data"), "--json", str(out),
+            "--plot", str(tmp_path / "out.png")]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120 * UNIT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    [result] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert result["ok"] and result["done"] > 0 and result["errors"] == []
+    assert result["server_cpu_us_per_unit"] > 0
