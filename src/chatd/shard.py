@@ -88,6 +88,8 @@ IDLE_AFTER_TICKS: Final = 5
 ABORT_CLOSING_AFTER_TICKS: Final = 2
 #: a replay waits for the client to read once this much is unsent
 SYNC_HIGH_WATER_BYTES: Final = 65_536
+#: most users whose groups one store query loads
+GROUP_LOAD_BATCH: Final = 500
 _NO_GROUPS: Final[frozenset[int]] = frozenset()
 _monotonic = time.monotonic
 
@@ -183,18 +185,10 @@ class Conn(WSListener):
         else:
             # frames that arrive before the groups are known wait for them
             self.waiting = []
-            shard.loading.add(self)
-            shard.spawn(self._load_groups())
+            shard.load_groups(self)
 
-    async def _load_groups(self) -> None:
-        shard = self.shard
-        try:
-            groups = await shard.store.user_groups(self.uid)
-        except (sqlite3.Error, ValueError) as exc:
-            log.error("loading groups of user %d failed: %s", self.uid, exc)
-            self.close(CLOSE_SERVER_ERROR, "server error")
-            return
-        shard.loading.discard(self)
+    def on_groups(self, groups: frozenset[int]) -> None:
+        """The user's groups are known: register, then act on waiting frames."""
         if self.state == CLOSING:
             return
         self._register(groups)
@@ -406,6 +400,8 @@ class Shard:
         self.media_dir = cfg.data_path / "media"
         #: connections upgraded but not registered yet (their groups are loading)
         self.loading: set[Conn] = set()
+        self._to_load: list[Conn] = []
+        self._load_wake: asyncio.Event | None = None
         self.tick = 1
         self.draining = False
         self.port = 0
@@ -445,6 +441,43 @@ class Shard:
         )
         self.port = self._server.sockets[0].getsockname()[1]
         self.spawn(self._sweep())
+        self.spawn(self._group_loader())
+
+    # --- group memberships of new connections ------------------------------------------
+
+    def load_groups(self, conn: Conn) -> None:
+        """Queue ``conn`` for the loader, which calls ``conn.on_groups`` later."""
+        self.loading.add(conn)
+        self._to_load.append(conn)
+        if self._load_wake is not None:
+            self._load_wake.set()
+
+    async def _group_loader(self) -> None:
+        """Load the groups of new connections, one query for all that queued.
+
+        A reconnect storm after a restart then costs one store round trip per
+        batch of users instead of one per connection.
+        """
+        self._load_wake = wake = asyncio.Event()
+        while True:
+            if not self._to_load:
+                wake.clear()
+                await wake.wait()
+            batch, self._to_load = (
+                self._to_load[:GROUP_LOAD_BATCH],
+                self._to_load[GROUP_LOAD_BATCH:],
+            )
+            try:
+                groups = await self.store.group_ids_of({c.uid for c in batch})
+            except (sqlite3.Error, ValueError) as exc:
+                log.error("loading the groups of %d users failed: %s", len(batch), exc)
+                for conn in batch:
+                    self.loading.discard(conn)
+                    conn.close(CLOSE_SERVER_ERROR, "server error")
+                continue
+            for conn in batch:
+                self.loading.discard(conn)
+                conn.on_groups(groups.get(conn.uid, _NO_GROUPS))
 
     # --- handshake ------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -386,9 +386,20 @@ class Store:
 
     async def user_groups(self, uid: int) -> frozenset[int]:
         """Ids of the groups ``uid`` is a member of."""
-        async with self._r.execute("SELECT gid FROM members WHERE uid = ?", (uid,)) as cur:
+        return (await self.group_ids_of((uid,))).get(uid, _NO_GROUPS)
+
+    async def group_ids_of(self, uids: Collection[int]) -> dict[int, frozenset[int]]:
+        """uid -> the ids of its groups, for the users in ``uids`` who have any."""
+        if not uids:
+            return {}
+        marks = ",".join("?" * len(uids))
+        sql = f"SELECT uid, gid FROM members WHERE uid IN ({marks})"
+        async with self._r.execute(sql, list(uids)) as cur:
             rows = await cur.fetchall()
-        return frozenset(r[0] for r in rows) if rows else _NO_GROUPS
+        found: dict[int, set[int]] = {}
+        for uid, gid in rows:
+            found.setdefault(uid, set()).add(gid)
+        return {uid: frozenset(gids) for uid, gids in found.items()}
 
     async def token_versions(self) -> dict[int, int]:
         """uid -> token version, for every user who ever revoked tokens."""
