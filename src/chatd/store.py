@@ -309,8 +309,8 @@ class Store:
         query = head + " UNION ALL ".join(sql)
         await db.execute("BEGIN IMMEDIATE")
         try:
-            async with db.execute(query, params) as cur:
-                found = await cur.fetchall()
+            # one hop to the sqlite thread (execute + fetch), not three
+            found = await db.execute_fetchall(query, params)
             max_id = 0
             stored: dict[tuple[int, str], tuple[int, int]] = {}
             for kind, a, b, c in found:
@@ -379,10 +379,10 @@ class Store:
         Private messages to or from the user, and group messages of the user's
         groups sent after the user joined; nothing of anyone else's.
         """
-        async with self._r.execute(
+        rows = await self._r.execute_fetchall(
             _SYNC_SQL, {"uid": uid, "after": after, "before": before, "limit": limit}
-        ) as cur:
-            return [row_to_message(r) for r in await cur.fetchall()]
+        )
+        return [row_to_message(r) for r in rows]
 
     async def user_groups(self, uid: int) -> frozenset[int]:
         """Ids of the groups ``uid`` is a member of."""
@@ -394,8 +394,7 @@ class Store:
             return {}
         marks = ",".join("?" * len(uids))
         sql = f"SELECT uid, gid FROM members WHERE uid IN ({marks})"
-        async with self._r.execute(sql, list(uids)) as cur:
-            rows = await cur.fetchall()
+        rows = await self._r.execute_fetchall(sql, list(uids))
         found: dict[int, set[int]] = {}
         for uid, gid in rows:
             found.setdefault(uid, set()).add(gid)
