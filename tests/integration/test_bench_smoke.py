@@ -57,3 +57,25 @@ def test_api_scenario_runs_clean(name: str, tmp_path: Path) -> None:
     [result] = [json.loads(line) for line in out.read_text().splitlines()]
     assert result["ok"] and result["done"] > 0 and result["errors"] == []
     assert result["server_cpu_us_per_unit"] > 0
+
+
+@pytest.mark.slow
+async def test_url_points_the_bench_at_a_running_server(tmp_path: Path) -> None:
+    from conftest import ServerProcess
+
+    data = tmp_path / "data"
+    server = ServerProcess(data, env={"CHATD_RATE_LIMIT": "false"})
+    try:
+        port = await server.started()
+        out = tmp_path / "out.jsonl"
+        argv = [sys.executable, "-m", "chatd_bench.cli", "private", "--users", "8",
+                "--window", "4", "--duration", "1", "--drain", str(5 * UNIT), "--quiet",
+                "--url", f"ws://127.0.0.1:{port}/chat", "--server-pid", str(server.proc.pid),
+                "--data-dir", str(data), "--json", str(out)]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120 * UNIT)
+        assert done.returncode == 0, done.stdout + done.stderr
+        [result] = [json.loads(line) for line in out.read_text().splitlines()]
+        assert result["ok"] and result["tally"]["delivered"] == result["tally"]["expected"] > 0
+        assert result["server_cpu_us_per_unit"] > 0  # measured through --server-pid
+    finally:
+        server.kill()
