@@ -359,29 +359,27 @@ def _drive(opts: Options, plan: Plan, specs: list[dict[str, Any]], target: Targe
             p.send(("go", t_start, t_stop))
         while time.monotonic_ns() < t_start:
             time.sleep(0.001)
-        cpu0 = sampler.cpu()
-        store0 = target.store_bytes() if target.store_bytes else 0
-        # the measured window
-        while time.monotonic_ns() < t_stop:
-            for conn in wait(pipes, min(0.05, max(0, (t_stop - time.monotonic_ns()) / 1e9))):
+        def pump(timeout_s: float) -> None:
+            """Take the load processes' reports for up to ``timeout_s``."""
+            for conn in wait(pipes, timeout_s):
                 msg = conn.recv()
                 if msg[0] == "tick":
                     on_tick(pipes.index(conn), msg[1])
                 elif msg[0] == "crash":
                     raise BenchError(f"load process crashed:\n{msg[1]}")
             idle()
+
+        cpu0 = sampler.cpu()
+        store0 = target.store_bytes() if target.store_bytes else 0
+        # the measured window
+        while time.monotonic_ns() < t_stop:
+            pump(min(0.05, max(0, (t_stop - time.monotonic_ns()) / 1e9)))
         cpu1 = sampler.cpu()
         window_s = opts.duration_s
         # the drain: until every expected copy (and ack) is in, or drain_s
         drain_end = time.monotonic() + opts.drain_s
         while time.monotonic() < drain_end:
-            for conn in wait(pipes, 0.1):
-                msg = conn.recv()
-                if msg[0] == "tick":
-                    on_tick(pipes.index(conn), msg[1])
-                elif msg[0] == "crash":
-                    raise BenchError(f"load process crashed:\n{msg[1]}")
-            idle()
+            pump(0.1)
             if len(ticks) == len(pipes) and ticks_settled(ticks, target.peer):
                 break
         for p in pipes:

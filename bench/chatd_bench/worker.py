@@ -27,6 +27,7 @@ from typing import Any
 import msgspec
 from picows import WSListener, WSMsgType, ws_connect
 
+from chatd.wire import Message
 from chatd_bench.hist import Histogram
 from chatd_bench.plan import CMD_GROUP, CMD_PRIVATE, Plan, make_content, parse_content
 from chatd_bench.tally import Tally
@@ -38,21 +39,8 @@ _now = time.monotonic_ns
 TICK_NS = 1_000_000_000
 
 
-class Frame(msgspec.Struct, gc=False):
-    id: int = 0
-    userid: int = 0
-    cmd: int = 0
-    dstid: int = 0
-    media: int = 0
-    content: str = ""
-    pic: str = ""
-    url: str = ""
-    memo: str = ""
-    amount: int = 0
-    cid: str = ""
-    ts: int = 0
-
-
+# the protocol's own schema (chatd.wire), so the bench and the server agree
+Frame = Message
 _decode_json = msgspec.json.Decoder(Frame).decode
 _decode_mp = msgspec.msgpack.Decoder(Frame).decode
 
