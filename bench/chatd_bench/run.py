@@ -330,9 +330,13 @@ def _drive(opts: Options, plan: Plan, specs: list[dict[str, Any]], target: Targe
     }
     if opts.scenario == "connect":
         ramp_s = max(ramp_s, 1e-3)
+        # each load process's own CPU over the ramp: was the generator the limit?
+        ramp_cpu = [float(c.get("cpu_s", 0.0)) for c in connected]
         result.update(unit="handshake", units=ok_conns, duration_s=ramp_s,
                       throughput_per_s=ok_conns / ramp_s,
                       server_cpu_s=cpu_c1 - cpu_c0,
+                      client_cpu_s=sum(ramp_cpu),
+                      client_util_max=max(ramp_cpu, default=0.0) / ramp_s,
                       latency_ms=hs.summary_ms())
         t_hold = time.monotonic()
         cpu_h0 = sampler.cpu()
@@ -347,7 +351,7 @@ def _drive(opts: Options, plan: Plan, specs: list[dict[str, Any]], target: Targe
             p.send(("finish",))
         finals = _recv_all(pipes, "result", 60)
         tally = conn_tally
-        client_cpu = None
+        client_cpu = result["client_cpu_s"]
         problems = tally.problems(acks_expected=False)
         lost_conns = ok_conns - sum(f["conns"] for f in finals)
         if lost_conns > 0:

@@ -420,10 +420,12 @@ class Worker:
             cmd = await self.cmd_queue.get()
             if cmd[0] == "connect":
                 t0 = _now()
+                cpu0 = time.process_time()
                 await self.connect_all(cmd[1])
                 self.pipe.send(("connected", {"hs_lat": self.hs_lat.to_dict(),
                                               "conns": len(self.conns),
                                               "took_s": (_now() - t0) / 1e9,
+                                              "cpu_s": time.process_time() - cpu0,
                                               "tally": self.tally.to_dict(),
                                               "errors": self.errors}))
             elif cmd[0] == "go":
