@@ -230,16 +230,29 @@ class Worker:
 
     # --- connections ----------------------------------------------------------------
 
-    async def open(self, i: int) -> Client | None:
+    async def open(self, i: int, prev: Client | None = None) -> Client | None:
+        """Connect user ``i``; with ``prev`` (its last connection), resume:
+        chatd replays what was missed (``last=`` in the handshake) before any
+        live copy, and the new client starts where ``prev`` left off."""
         plan = self.plan
         tokens = self.spec["tokens"]
         url = f"{self.base}?id={plan.uids[i]}&token={tokens[i] if tokens else 'bench'}"
+        if prev is not None and not self.peer:
+            url += f"&last={prev.last_id}"
+
+        def make() -> Client:
+            c = Client(self, i)
+            if prev is not None:
+                # before the handshake completes: replayed frames may come with it
+                c.last_seq, c.last_id, c.syncing = prev.last_seq, prev.last_id, not self.peer
+            return c
+
         kwargs: dict[str, Any] = {}
         addrs = self.spec.get("source_addrs")
         if addrs:
             kwargs["local_addr"] = (addrs[i % len(addrs)], 0)
         try:
-            _, c = await ws_connect(lambda: Client(self, i), url,
+            _, c = await ws_connect(make, url,
                                     websocket_handshake_timeout=30, read_buffer_init_size=4096,
                                     enable_auto_pong=True, use_aiofastnet=False, **kwargs)
         except Exception as exc:  # noqa: BLE001 - every failure is counted and shown
@@ -277,22 +290,16 @@ class Worker:
         if c is None:
             return
         c.leaving = True
-        last_id = c.last_id
-        last_seq = c.last_seq
         self.offline += 1
         del self.conns[i]
         c.tr.send_close()
         c.tr.disconnect()
         await asyncio.sleep(self.spec["offline_s"])
-        n = await self.open(i)
+        n = await self.open(i, prev=c)
         self.offline -= 1
         if n is None:
             return
         self.tally.reconnects += 1
-        n.last_seq = last_seq
-        n.last_id = last_id
-        n.syncing = True
-        n.tr.send(TEXT, msgspec.json.encode({"cmd": 4, "id": last_id}))
 
     # --- load -----------------------------------------------------------------------
 

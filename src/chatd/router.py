@@ -94,7 +94,12 @@ class Router:
                 reply = error_frame(FrameError(ERR_NOT_FOUND, f"no user {msg.dstid}", msg.cid))
             else:
                 reply = error_frame(FrameError(ERR_SERVER, "message not stored, retry", msg.cid))
-            if src.state != CLOSING:
+            state = src.state
+            if state == SYNCING and reply.cmd == CMD_ACK:
+                # after the replay, like live copies: the connection's frames
+                # stay in id order, so "the highest id I got" is a safe resume point
+                src.held.append(reply)
+            elif state != CLOSING:
                 frames = out.get(src)
                 if frames is None:
                     out[src] = [framed(src, reply)]

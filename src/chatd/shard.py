@@ -55,6 +55,7 @@ from chatd.wire import (
     CLOSE_SERVER_ERROR,
     CLOSE_SLOW_CONSUMER,
     CLOSE_TOO_BIG,
+    CMD_ACK,
     CMD_GROUP,
     CMD_GROUP_ENTER,
     CMD_GROUP_LEAVE,
@@ -86,8 +87,6 @@ CLOSE: Final = WSMsgType.CLOSE
 PING_AFTER_TICKS: Final = 3
 IDLE_AFTER_TICKS: Final = 5
 ABORT_CLOSING_AFTER_TICKS: Final = 2
-#: a replay waits for the client to read once this much is unsent
-SYNC_HIGH_WATER_BYTES: Final = 65_536
 #: most users whose groups one store query loads
 GROUP_LOAD_BATCH: Final = 500
 _NO_GROUPS: Final[frozenset[int]] = frozenset()
@@ -146,13 +145,16 @@ class Conn(WSListener):
         "waiting",
         "live_from",
         "top",
+        "resume",
         "closed_tick",
         "writable",
     )
 
-    def __init__(self, shard: Shard, uid: int) -> None:
+    def __init__(self, shard: Shard, uid: int, resume: int = -1) -> None:
         self.shard = shard
         self.uid = uid
+        #: ``last`` from the handshake: replay from there before anything live
+        self.resume = resume
         self.tr: Any = None
         self.binary = False
         self.state = LIVE
@@ -198,6 +200,12 @@ class Conn(WSListener):
 
     def _register(self, groups: frozenset[int]) -> None:
         self.groups = groups
+        if self.resume >= 0:
+            # in the same step as registering: no live copy can come first
+            self.state = SYNCING
+            self.held = []
+            self.shard.spawn(self._sync(self.resume))
+            self.resume = -1
         registry = self.shard.registry
         registry.add(self)
         for gid in groups:
@@ -346,23 +354,28 @@ class Conn(WSListener):
         # everything for this connection from live_from on was already sent on it
         before = self.live_from if self.live_from > 0 else 1 << 62
         last = after
+        store = shard.store
         try:
             while True:
-                page = await shard.store.sync_page(self.uid, last, before, page_size)
+                # never ahead of the router: a row it has not routed yet will be
+                # held for this connection (or sent live after), not replayed
+                bound = min(before, store.routed_id + 1)
+                page = await store.sync_page(self.uid, last, bound, page_size)
                 if self.state == CLOSING:
                     return
                 for msg in page:
                     self.send_msg(msg)
                 if page:
                     last = page[-1].id
-                if len(page) < page_size:
-                    break
-                if self.tr.underlying_transport.get_write_buffer_size() > SYNC_HIGH_WATER_BYTES:
-                    if self.writable is None or self.writable.done():
-                        self.writable = asyncio.get_running_loop().create_future()
+                if self.writable is not None and not self.writable.done():
+                    # the transport paused us (pause_writing): let the client read,
+                    # also before going live (a paused transport would not pause
+                    # again, and a slow consumer would go unnoticed)
                     await self.writable
                     if self.state == CLOSING:
                         return
+                if len(page) < page_size:
+                    break
         except (sqlite3.Error, ValueError) as exc:
             log.error("sync for user %d failed: %s", self.uid, exc)
             self.send_error(ERR_SERVER, "sync failed, retry")
@@ -378,7 +391,9 @@ class Conn(WSListener):
             return
         self.state = LIVE
         for msg in held:
-            if msg.id > last:
+            if msg.cmd == CMD_ACK:
+                self.send_msg(msg)  # the ack of this client's own message: always
+            elif msg.id > last:
                 self.send_msg(msg)
                 last = msg.id
                 if not self.live_from:
@@ -503,6 +518,14 @@ class Shard:
             token = params["token"][0]
         except (KeyError, ValueError, IndexError):
             return _json_response(401, {"error": "id and token are required"})
+        resume = -1
+        if "last" in params:
+            try:
+                resume = int(params["last"][0])
+            except ValueError:
+                resume = -1
+            if not 0 <= resume < 1 << 63:
+                return _json_response(400, {"error": "last must be a message id (>= 0)"})
         try:
             self.checker.check(token, uid)
         except (AuthError, ValueError) as exc:
@@ -513,7 +536,7 @@ class Shard:
         if self.registry.full:
             return _json_response(503, {"error": "shard is full"}, {"Retry-After": "1"})
         mend_upgrade_headers(request)
-        return Conn(self, uid)
+        return Conn(self, uid, resume)
 
     # --- control events --------------------------------------------------------------
 

@@ -170,6 +170,10 @@ class Store:
         self._known_users: cachetools.LRUCache[int, bool] = cachetools.LRUCache(200_000)
         self._busy = False
         self._flushed: asyncio.Future[None] | None = None
+        #: the highest message id that ``on_commit`` has been given: a replay
+        #: must not run ahead of it (a row committed but not yet routed will
+        #: still be delivered live, and would then arrive twice)
+        self.routed_id = 0
         self.batches = 0
         self.committed = 0
 
@@ -204,7 +208,10 @@ class Store:
             raise
         await reader.execute("PRAGMA busy_timeout=10000")
         await reader.execute("PRAGMA query_only=ON")
-        return cls(writer, reader, batch_max, queue_max)
+        store = cls(writer, reader, batch_max, queue_max)
+        # what was stored before this process started is routed by definition
+        store.routed_id = await store.max_message_id()
+        return store
 
     async def close(self) -> None:
         """Stop the writer (after committing what is queued) and close."""
@@ -272,6 +279,9 @@ class Store:
             finally:
                 self._busy = False
             self.batches += 1
+            for msg, _, status in outcomes:
+                if status == STORED and msg.id > self.routed_id:
+                    self.routed_id = msg.id
             try:
                 on_commit(outcomes)
             except Exception:
