@@ -288,6 +288,21 @@ class Store:
                 log.exception("delivering a committed batch failed")
 
     async def _write_batch(self, batch: list[Submitted]) -> list[tuple[Message, Any, int]]:
+        """Store ``batch`` in one transaction; the outcome of each message.
+
+        Retries (a ``cid`` already stored) are rare, so the batch is first
+        written without looking them up: the unique index refuses a retry, and
+        only then is the batch written again with the look-up (which costs an
+        index search per message).
+        """
+        try:
+            return await self._write_batch_once(batch, look_up_cids=False)
+        except sqlite3.IntegrityError:
+            return await self._write_batch_once(batch, look_up_cids=True)
+
+    async def _write_batch_once(
+        self, batch: list[Submitted], look_up_cids: bool
+    ) -> list[tuple[Message, Any, int]]:
         db = self._w
         # what the batch needs to know from the table: its max id, rows already
         # stored under the same (userid, cid), and which private receivers exist
@@ -302,7 +317,7 @@ class Store:
         sql = ["SELECT 0, coalesce(max(id), 0), NULL, NULL FROM messages"]
         params: list[Any] = []
         head = ""
-        if cids:
+        if cids and look_up_cids:
             # a join against the keys, so each one is an index search (an IN over
             # row values would scan the whole table)
             head = f"WITH k(u, c) AS (VALUES {','.join(['(?,?)'] * len(cids))}) "
