@@ -21,7 +21,7 @@ from typing import Final
 
 from aiohttp import web
 
-from chatd import auth, media
+from chatd import auth, media, metrics
 from chatd.api_accounts import (
     handle_find,
     handle_login,
@@ -108,6 +108,12 @@ async def handle_healthz(request: web.Request) -> web.Response:
     return reply(200, {"status": "ok"})
 
 
+async def handle_metrics(request: web.Request) -> web.Response:
+    """The node's figures in Prometheus text (see ``chatd.metrics``)."""
+    body = metrics.render(request.app[CTX].metrics)
+    return web.Response(body=body.encode(), headers={"Content-Type": metrics.CONTENT_TYPE})
+
+
 async def handle_openapi(request: web.Request) -> web.Response:
     return reply(200, build_spec())
 
@@ -156,4 +162,5 @@ def make_app(
     app.router.add_get("/media/{name}", handle_media)
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/openapi.json", handle_openapi)
+    app.router.add_get("/metrics", handle_metrics)
     return app

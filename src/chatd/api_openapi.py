@@ -244,6 +244,12 @@ def build_spec() -> dict[str, Any]:
         "summary": "This document", "operationId": "get_openapi", "security": [],
         "responses": {"200": {"description": "OpenAPI 3 document"}},
     }}
+    paths["/metrics"] = {"get": {
+        "summary": "The node's figures, Prometheus text format 0.0.4",
+        "operationId": "get_metrics", "security": [],
+        "responses": {"200": {"description": "Prometheus text",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}}},
+    }}
     return {
         "openapi": "3.0.3",
         "info": {

@@ -106,7 +106,17 @@ async def run_shard(cfg: Config, index: int, conn: Connection) -> int:
     link.send("ready", {"port": shard.port})
     log.info("shard %d serving on port %d", index, shard.port)
     reporter = asyncio.get_running_loop().create_task(
-        _report(link, lambda: {"connections": shard.registry.count, "committed": store.committed})
+        _report(
+            link,
+            lambda: {
+                "connections": shard.registry.count,
+                "users": shard.registry.users,
+                "committed": store.committed,
+                "batches": store.batches,
+                "queued": store.queued,
+                "delivered": shard.router.delivered,
+            },
+        )
     )
     await stop.wait()
     reporter.cancel()
@@ -144,24 +154,32 @@ async def run_api(cfg: Config, index: int, conn: Connection) -> int:
     from aiohttp import web
 
     from chatd.api import make_app
+    from chatd.api_common import CTX
 
     stop = asyncio.Event()
     _child_signals(stop)
     secret = auth.load_or_create_secret(cfg.data_path)
     store = await Store.open(cfg.db_path, synchronous=cfg.db_synchronous)
 
+    link: Link | None = None
+
+    async def publish(event: Event) -> None:
+        assert link is not None
+        link.send("event", encode_event(event))
+
+    app = make_app(cfg, store, secret, publish)
+    ctx = app[CTX]
+
     def on_message(verb: str, payload: Any) -> None:
         if verb == "drain":
             stop.set()
+        elif verb == "metrics":
+            ctx.metrics = payload
 
     link = Link(conn, on_message, stop.set)
     link.start()
-
-    async def publish(event: Event) -> None:
-        link.send("event", encode_event(event))
-
     runner = web.AppRunner(
-        make_app(cfg, store, secret, publish),
+        app,
         access_log=None,
         shutdown_timeout=cfg.drain_timeout_s / 2,
     )

@@ -31,6 +31,8 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any, Final
 
+import psutil
+
 from chatd import auth
 from chatd.config import Config
 from chatd.control import Link
@@ -44,6 +46,8 @@ BACKOFF_MIN_S: Final = 0.5
 BACKOFF_MAX_S: Final = 10.0
 HEALTHY_AFTER_S: Final = 30.0
 READY_TIMEOUT_S: Final = 30.0
+#: how often the API workers get fresh figures for /metrics (and systemd a STATUS)
+METRICS_PERIOD_S: Final = 2.0
 
 ChildMain = Callable[[Config, int, Connection], None]
 
@@ -62,6 +66,7 @@ class Child:
     backoff_s: float = BACKOFF_MIN_S
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     exited: asyncio.Event = field(default_factory=asyncio.Event)
+    restarts: int = 0
     status: dict[str, Any] = field(default_factory=dict)
 
 
@@ -181,6 +186,8 @@ class Supervisor:
             except TimeoutError:
                 pass
             child.backoff_s = min(BACKOFF_MAX_S, child.backoff_s * 2)
+            child.restarts += 1
+            child.status = {}
             self._spawn(child)
 
     # --- main -------------------------------------------------------------------
@@ -257,10 +264,39 @@ class Supervisor:
                 child.proc.kill()
                 await child.exited.wait()
 
+    def snapshot(self) -> dict[str, Any]:
+        """The node's figures for ``metrics.render``: each child's own report
+        and what the kernel says of its process."""
+        children = []
+        for child in self.children:
+            entry: dict[str, Any] = {
+                "name": child.name,
+                "restarts": child.restarts,
+                "status": dict(child.status),
+            }
+            pid = child.proc.pid if child.proc is not None else None
+            try:
+                if pid is None:
+                    raise psutil.NoSuchProcess(0)
+                proc = psutil.Process(pid)
+                with proc.oneshot():
+                    cpu = proc.cpu_times()
+                    entry["rss_bytes"] = proc.memory_info().rss
+                    entry["cpu_seconds"] = cpu.user + cpu.system
+                    entry["open_fds"] = proc.num_fds()
+            except psutil.Error:
+                pass  # between a death and a restart: no process figures
+            children.append(entry)
+        return {"children": children}
+
     async def _report_status(self) -> None:
         watchdog = watchdog_interval_s()
-        period = min(watchdog, 5.0) if watchdog else 5.0
+        period = min(watchdog, METRICS_PERIOD_S) if watchdog else METRICS_PERIOD_S
         while True:
+            snapshot = self.snapshot()
+            for child in self.children:
+                if child.name.startswith("api") and child.link is not None:
+                    child.link.send("metrics", snapshot)
             conns = sum(int(c.status.get("connections", 0)) for c in self.children)
             messages = sum(int(c.status.get("committed", 0)) for c in self.children)
             notify(
