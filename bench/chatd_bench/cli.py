@@ -136,9 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if peers or args.url:
             _parser().error(f"{args.scenario}: the peers have no HTTP API; --vs and --url "
                             "do not apply")
-        results = [_run_api(args, server_cpus)]
-        _emit(args, results)
-        return 0 if results[0]["ok"] else 1
+        api_result = _run_api(args, server_cpus)
+        _emit(args, [api_result])
+        return 0 if api_result["ok"] else 1
     tmp = None
     results: list[dict[str, Any]] = []
     try:

@@ -15,7 +15,7 @@ import secrets
 import sys
 import time
 from collections.abc import Callable
-from multiprocessing.connection import wait
+from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from chatd_bench.hist import Histogram
@@ -263,6 +263,7 @@ def _recv_all(pipes: list[Any], kind: str, timeout_s: float,
         if left <= 0:
             raise BenchError(f"load processes did not answer {kind!r} in {timeout_s:.0f}s")
         for conn in wait([p for i, p in enumerate(pipes) if i not in got], min(left, 0.5)):
+            assert isinstance(conn, Connection)
             w = pipes.index(conn)
             try:
                 msg = conn.recv()
@@ -366,6 +367,7 @@ def _drive(opts: Options, plan: Plan, specs: list[dict[str, Any]], target: Targe
         def pump(timeout_s: float) -> None:
             """Take the load processes' reports for up to ``timeout_s``."""
             for conn in wait(pipes, timeout_s):
+                assert isinstance(conn, Connection)
                 msg = conn.recv()
                 if msg[0] == "tick":
                     on_tick(pipes.index(conn), msg[1])

@@ -87,7 +87,7 @@ class ProcTree:
         return total
 
     def alive(self) -> bool:
-        return self.root.is_running() and self.root.status() != psutil.STATUS_ZOMBIE
+        return bool(self.root.is_running() and self.root.status() != psutil.STATUS_ZOMBIE)
 
 
 def find_listener(port: int) -> int | None:

@@ -22,7 +22,7 @@ import random
 import resource
 import time
 import traceback
-from typing import Any
+from typing import Any, TypeAlias
 
 import msgspec
 from picows import WSListener, WSMsgType, ws_connect
@@ -40,12 +40,12 @@ TICK_NS = 1_000_000_000
 
 
 # the protocol's own schema (chatd.wire), so the bench and the server agree
-Frame = Message
+Frame: TypeAlias = Message
 _decode_json = msgspec.json.Decoder(Frame).decode
 _decode_mp = msgspec.msgpack.Decoder(Frame).decode
 
 
-class Client(WSListener):  # type: ignore[misc]
+class Client(WSListener):
     """One bench connection of user ``i``."""
 
     def __init__(self, worker: Worker, i: int) -> None:
@@ -260,6 +260,7 @@ class Worker:
             if len(self.errors) < 5:
                 self.errors.append(f"user {i}: connect failed: {type(exc).__name__}: {exc}")
             return None
+        assert isinstance(c, Client)
         self.conns[i] = c
         return c
 
