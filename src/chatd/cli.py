@@ -99,7 +99,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "serve":
         from chatd.server import serve
 
-        return serve(cfg)
+        return serve(cfg, reload=lambda: _config(args))
     if args.command == "check-config":
         print(
             f"config ok: chat on {cfg.host}:{cfg.chat_port}, api on {cfg.host}:"

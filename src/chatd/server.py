@@ -81,6 +81,12 @@ def _child_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # a terminal's hangup reaches the whole group: only the supervisor reloads
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def _set_log_level(level: str) -> None:
+    logging.getLogger().setLevel(level.upper())
 
 
 async def _report(link: Link, status: Callable[[], dict[str, int]]) -> None:
@@ -100,6 +106,8 @@ async def run_shard(cfg: Config, index: int, conn: Connection) -> int:
             stop.set()
         elif verb == "event":
             shard.apply(decode_event(payload))
+        elif verb == "log_level":
+            _set_log_level(payload)
 
     link = Link(conn, on_message, stop.set)
     link.start()
@@ -175,6 +183,8 @@ async def run_api(cfg: Config, index: int, conn: Connection) -> int:
             stop.set()
         elif verb == "metrics":
             ctx.metrics = payload
+        elif verb == "log_level":
+            _set_log_level(payload)
 
     link = Link(conn, on_message, stop.set)
     link.start()
@@ -202,7 +212,8 @@ def api_main(cfg: Config, index: int, conn: Connection) -> None:
     raise SystemExit(uvloop.run(run_api(cfg, index, conn)))
 
 
-def serve(cfg: Config) -> int:
-    """``chatd serve``: run the supervisor and its children until SIGTERM."""
+def serve(cfg: Config, reload: Callable[[], Config] | None = None) -> int:
+    """``chatd serve``: run the supervisor and its children until SIGTERM;
+    ``reload`` re-reads the configuration on SIGHUP."""
     setup_logging(cfg.log_level)
-    return uvloop.run(Supervisor(cfg, api_main, shard_main).run())
+    return uvloop.run(Supervisor(cfg, api_main, shard_main, reload).run())

@@ -26,7 +26,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any, Final
@@ -73,8 +73,15 @@ class Child:
 class Supervisor:
     """Starts, watches and drains the processes of one node."""
 
-    def __init__(self, cfg: Config, api_main: ChildMain | None, shard_main: ChildMain) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        api_main: ChildMain | None,
+        shard_main: ChildMain,
+        reload: Callable[[], Config] | None = None,
+    ) -> None:
         self.cfg = cfg
+        self._reload = reload
         self._ctx = multiprocessing.get_context("spawn")
         self._shard_main = shard_main
         self._api_main = api_main
@@ -197,6 +204,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.handle_hup)
         cfg = await self.prepare()
         self.children = [Child("shard-0", self._shard_main, cfg, 0)]
         if self._api_main is not None:
@@ -240,6 +248,38 @@ class Supervisor:
             sock.close()
         log.info("stopped")
         return 0
+
+    def handle_hup(self) -> None:
+        """SIGHUP (``systemctl reload``): re-read and validate the configuration.
+
+        A bad one is refused and the node runs on. ``log_level`` applies at
+        once, in every process; other changes need a restart, and the log says
+        which.
+        """
+        if self._reload is None:
+            log.info("reload: nothing to re-read")
+            return
+        try:
+            new = self._reload()
+        except ConfigError as exc:
+            log.error("reload refused, the running configuration stays: %s", exc)
+            return
+        # self.cfg is the configuration as read at start (a port of 0 stays 0)
+        changed = [
+            f.name for f in fields(Config) if getattr(new, f.name) != getattr(self.cfg, f.name)
+        ]
+        if "log_level" in changed:
+            logging.getLogger().setLevel(new.log_level.upper())
+            for child in self.children:
+                if child.link is not None:
+                    child.link.send("log_level", new.log_level)
+            changed.remove("log_level")
+            self.cfg = replace(self.cfg, log_level=new.log_level)
+            log.warning("reload: log_level is now %s", new.log_level)
+        if changed:
+            log.warning("reload: %s changed; that takes a restart", ", ".join(changed))
+        else:
+            log.info("reload: configuration valid")
 
     async def _all_ready(self) -> None:
         for child in self.children:

@@ -82,3 +82,48 @@ async def test_children_exit_when_the_supervisor_is_killed(tmp_path: Path) -> No
         assert not alive, f"orphans left: {alive}"
     finally:
         server.kill()
+
+
+async def _until_logged(server: ServerProcess, needle: str, timeout: float = 15.0) -> str:
+    """Read the server's output until a line contains ``needle``."""
+    loop = asyncio.get_running_loop()
+
+    def read() -> str:
+        assert server.proc.stdout is not None
+        for line in server.proc.stdout:
+            server.lines.append(line)
+            if needle in line:
+                return line
+        raise AssertionError(f"{needle!r} never logged:\n" + "".join(server.lines))
+
+    return await asyncio.wait_for(loop.run_in_executor(None, read), timeout * UNIT)
+
+
+@pytest.mark.slow
+async def test_sighup_rereads_the_config_and_keeps_serving(tmp_path: Path) -> None:
+    conf = tmp_path / "chatd.toml"
+    conf.write_text('log_level = "info"\nidle_timeout_s = 75\n')
+    server = ServerProcess(tmp_path / "data", "--config", str(conf))
+    try:
+        port = await server.started()
+        # a bad file is refused and the node runs on
+        conf.write_text("idle_timeout_s = -1\n")
+        server.signal(signal.SIGHUP)
+        await _until_logged(server, "reload refused")
+        # a change that needs a restart is named; log_level applies at once
+        conf.write_text('log_level = "warning"\nidle_timeout_s = 90\n')
+        server.signal(signal.SIGHUP)
+        line = await _until_logged(server, "takes a restart")
+        assert "idle_timeout_s" in line
+        assert server.proc.poll() is None
+        uid = int(run_cli("user", "add", "--mobile", "7", "--password", "pw",
+                          data_dir=server.data_dir).stdout)
+        token = run_cli("token", str(uid), data_dir=server.data_dir).stdout.strip()
+        client = await connect(f"ws://127.0.0.1:{port}/chat?id={uid}&token={token}")
+        client.send(cmd=10, dstid=uid, media=1, content="still here", cid="c")
+        assert (await client.recv_until(lambda f: f.get("cmd") == 1))["cid"] == "c"
+        client.tr.disconnect()
+        server.signal(signal.SIGTERM)
+        assert await server.wait() == 0
+    finally:
+        server.kill()
