@@ -53,6 +53,9 @@ async def handle_upload(request: web.Request) -> web.Response:
         # refuse a stranger before reading the body
         await authenticate(request, fields)
     data: bytes | None = None
+    # one budget for the whole body, so that a chunked body (no Content-Length)
+    # of many small fields is refused as soon as it is too big, not after
+    budget = limit + MULTIPART_SLACK_BYTES
     reader = await request.multipart()
     while (part := await reader.next()) is not None:
         if not isinstance(part, BodyPartReader):
@@ -60,9 +63,13 @@ async def handle_upload(request: web.Request) -> web.Response:
         if part.name == "file":
             if data is not None:
                 raise ApiError(400, "send one file per upload")
-            data = await _read_part(part, limit, "the file")
+            data = await _read_part(part, min(limit, budget), "the file")
+            budget -= len(data)
         elif part.name:
+            if budget < MAX_FIELD_BYTES:
+                raise ApiError(413, f"the body is larger than {limit} bytes")
             raw = await _read_part(part, MAX_FIELD_BYTES, f"field {part.name}")
+            budget -= len(raw)
             fields[part.name] = raw.decode("utf-8", "replace")
         else:
             await part.release()

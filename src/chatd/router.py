@@ -95,10 +95,11 @@ class Router:
             else:
                 reply = error_frame(FrameError(ERR_SERVER, "message not stored, retry", msg.cid))
             state = src.state
-            if state == SYNCING and reply.cmd == CMD_ACK:
+            if state == SYNCING and status == STORED:
                 # after the replay, like live copies: the connection's frames
                 # stay in id order, so "the highest id I got" is a safe resume point
-                src.held.append(reply)
+                # (a re-ack of a retry carries an old id: it goes out at once)
+                src.hold(reply)
             elif state != CLOSING:
                 frames = out.get(src)
                 if frames is None:
@@ -117,7 +118,8 @@ class Router:
         if msg.cmd == CMD_PRIVATE:
             conns: Any = registry.get(msg.dstid)
             mine = registry.get(msg.userid) if msg.dstid != msg.userid else None
-            if mine is not None and len(mine) > 1:
+            # the sender's other devices (src may already be gone from the list)
+            if mine and (len(mine) > 1 or mine[0] is not src):
                 conns = [*(conns or ()), *mine]
             if conns is None:
                 return
@@ -150,5 +152,5 @@ class Router:
                     conn.live_from = msg.id
                 sent += 1
             elif state == SYNCING:
-                conn.held.append(msg)
+                conn.hold(msg)
         self.delivered += sent

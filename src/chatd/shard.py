@@ -89,6 +89,10 @@ IDLE_AFTER_TICKS: Final = 5
 ABORT_CLOSING_AFTER_TICKS: Final = 2
 #: most users whose groups one store query loads
 GROUP_LOAD_BATCH: Final = 500
+#: live copies held for one connection while its replay runs, past which it is
+#: closed as a slow consumer (it syncs again when it comes back): at least this
+#: many, more with a bigger slow_consumer_bytes (one per 64 bytes of it)
+HELD_MIN: Final = 1_000
 _NO_GROUPS: Final[frozenset[int]] = frozenset()
 _monotonic = time.monotonic
 
@@ -230,6 +234,17 @@ class Conn(WSListener):
         self.tr.send_close(code, reason.encode())
         self.tr.disconnect()
 
+    def hold(self, msg: Message) -> None:
+        """Keep a live copy (or an ack) for after the running replay; a client
+        that lets too much pile up is a slow consumer."""
+        held = self.held
+        if held is None:
+            return
+        if len(held) >= self.shard.held_max:
+            self.close(CLOSE_SLOW_CONSUMER, "slow consumer")
+            return
+        held.append(msg)
+
     def pause_writing(self) -> None:
         if self.state == SYNCING:
             # a replay waits for the client to read; live traffic does not
@@ -359,7 +374,7 @@ class Conn(WSListener):
             while True:
                 # never ahead of the router: a row it has not routed yet will be
                 # held for this connection (or sent live after), not replayed
-                bound = min(before, store.routed_id + 1)
+                bound = min(before, store.routed_id + 1, self._first_held_ack())
                 page = await store.sync_page(self.uid, last, bound, page_size)
                 if self.state == CLOSING:
                     return
@@ -385,15 +400,25 @@ class Conn(WSListener):
         # the high-water mark: everything up to it is on the client now
         self.send_msg(Message(cmd=CMD_SYNC, id=max(last, self.top)))
 
+    def _first_held_ack(self) -> int:
+        """The id of the first ack held during this replay (1 << 62 if none).
+
+        The replay stops below it: the client's own message is then not
+        replayed ahead of its ack, and everything after it goes out from the
+        held list, in order.
+        """
+        for msg in self.held or ():
+            if msg.cmd == CMD_ACK:
+                return msg.id
+        return 1 << 62
+
     def _end_sync(self, last: int) -> None:
         held, self.held = self.held or [], None
         if self.state == CLOSING:
             return
         self.state = LIVE
         for msg in held:
-            if msg.cmd == CMD_ACK:
-                self.send_msg(msg)  # the ack of this client's own message: always
-            elif msg.id > last:
+            if msg.id > last:
                 self.send_msg(msg)
                 last = msg.id
                 if not self.live_from:
@@ -413,6 +438,7 @@ class Shard:
         self.router = Router(self.registry)
         self.limiter = RateLimiter(cfg.rate_per_s, cfg.rate_burst) if cfg.rate_limit else None
         self.media_dir = cfg.data_path / "media"
+        self.held_max = max(HELD_MIN, cfg.slow_consumer_bytes // 64)
         #: connections upgraded but not registered yet (their groups are loading)
         self.loading: set[Conn] = set()
         self._to_load: list[Conn] = []
@@ -484,15 +510,19 @@ class Shard:
             )
             try:
                 groups = await self.store.group_ids_of({c.uid for c in batch})
-            except (sqlite3.Error, ValueError) as exc:
-                log.error("loading the groups of %d users failed: %s", len(batch), exc)
+            except Exception:  # the loader must outlive any one failure
+                log.exception("loading the groups of %d users failed", len(batch))
                 for conn in batch:
                     self.loading.discard(conn)
                     conn.close(CLOSE_SERVER_ERROR, "server error")
                 continue
             for conn in batch:
                 self.loading.discard(conn)
-                conn.on_groups(groups.get(conn.uid, _NO_GROUPS))
+                try:
+                    conn.on_groups(groups.get(conn.uid, _NO_GROUPS))
+                except Exception:
+                    log.exception("registering a connection of user %d failed", conn.uid)
+                    conn.close(CLOSE_SERVER_ERROR, "server error")
 
     # --- handshake ------------------------------------------------------------------
 
@@ -543,21 +573,25 @@ class Shard:
     def apply(self, event: Event) -> None:
         """Apply a node-local control event to this shard's live connections."""
         conns = list(self.registry.get(event.uid) or ())
+        loading = [c for c in self.loading if c.uid == event.uid]
         if isinstance(event, GroupJoined):
             for conn in conns:
                 conn.groups = conn.groups | {event.gid}
                 self.registry.join(conn, event.gid)
+                # the group's messages committed between the join and this event
+                # did not go out live: a replay must not stop at live_from
+                conn.live_from = -1
         elif isinstance(event, GroupLeft):
             for conn in conns:
                 conn.groups = conn.groups - {event.gid}
                 self.registry.leave(conn, event.gid)
         elif isinstance(event, TokensRevoked):
             self.checker.revoke(event.uid, event.version)
-            for conn in conns:
+            for conn in conns + loading:
                 conn.close(CLOSE_REVOKED, "token revoked")
         elif isinstance(event, UserBanned):
             self.checker.revoke(event.uid, 1 << 62)
-            for conn in conns:
+            for conn in conns + loading:
                 conn.close(CLOSE_BANNED, "banned")
 
     # --- liveness -------------------------------------------------------------------

@@ -211,3 +211,19 @@ async def test_no_path_traversal(api: Api) -> None:
         assert status == 404, path
         assert b"SQLite format" not in body and headers["content-type"].startswith(
             "application/json"), path
+
+
+async def test_a_chunked_body_of_many_fields_is_refused_before_it_is_all_read(
+        api: Api) -> None:
+    """No Content-Length, no token, endless small fields: 413, not buffered."""
+    from conftest import http_request
+
+    field = b'--b\r\nContent-Disposition: form-data; name="f%d"\r\n\r\n' + b"y" * 4000 + b"\r\n"
+    parts = b"".join(field % i for i in range(6000)) + b"--b--\r\n"  # ~24 MB
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(parts[i:i + 65536]), parts[i:i + 65536])
+                       for i in range(0, len(parts), 65536)) + b"0\r\n\r\n"
+    raw = (b"POST /attach/upload HTTP/1.1\r\nHost: x\r\n"
+           b"Content-Type: multipart/form-data; boundary=b\r\n"
+           b"Connection: close\r\nTransfer-Encoding: chunked\r\n\r\n") + chunked
+    status, _, _ = await http_request(api.port, raw, timeout=30)
+    assert status == 413

@@ -3,6 +3,7 @@ with the high-water mark, and no duplicates around live traffic."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from typing import Any
 
@@ -282,3 +283,67 @@ async def test_a_replay_never_runs_ahead_of_the_router(node_factory) -> None:
     frames, high = await _frames_until_sync_answer(c)
     assert [f["content"] for f in frames if f.get("cmd") == 10] == ["not routed yet"]
     assert high == unrouted
+
+
+async def test_a_replay_that_stalls_while_live_traffic_piles_up_is_closed_4009(
+        node_factory) -> None:
+    """A client that resumes but stops reading, while still beating, cannot make
+    the server hold live copies without bound: it is a slow consumer."""
+    node = await node_factory(slow_consumer_bytes=8192, sync_page=50, rate_limit=False)
+    alice, bob = await node.user(), await node.user()
+    gid = await node.group(alice, bob)
+    a = await connect(node.url(alice))
+    # a backlog bigger than the socket buffers on both sides: the replay stalls
+    big = "x" * 8000
+    for i in range(1000):
+        a.send(cmd=10, dstid=bob, media=1, content=big, cid=f"backlog{i}")
+    await a.recv_until(lambda f: f.get("cid") == "backlog999", timeout=30)
+    b = await connect(node.url(bob) + "&last=0")
+    b.tr.underlying_transport.pause_reading()
+    for i in range(node.shard.held_max + 200):
+        a.send(cmd=11, dstid=gid, media=1, content="g", cid=f"g{i}")
+        if i % 500 == 0:
+            b.send(cmd=0)  # still alive: the idle sweep is not what closes it
+    b.tr.underlying_transport.resume_reading()
+    assert await b.wait_closed(20) == 4009
+
+
+async def test_a_join_then_a_message_before_the_event_is_not_lost_to_a_sync(
+        node_factory) -> None:
+    """The API commits a join, a group message commits before the control event
+    reaches the shard: a later sync must still replay it on that connection."""
+    from chatd.control import GroupJoined
+
+    node = await node_factory()
+    alice, bob = await node.user(), await node.user()
+    gid = await node.group(alice)
+    a = await connect(node.url(alice))
+    b = await connect(node.url(bob))
+    await send_acked(a, bob, 1, prefix="p")
+    first = await b.recv_until(lambda f: f.get("cmd") == 10)  # live: live_from is set
+    await node.store.join_group(gid, bob)
+    [group_ack] = await send_acked(a, gid, 1, cmd=11, prefix="g")
+    node.shard.apply(GroupJoined(uid=bob, gid=gid))
+    frames, _ = await sync_all(b, after=first["id"])
+    assert group_ack["id"] in ids(frames)
+
+
+async def test_a_revocation_reaches_a_connection_whose_groups_are_still_loading(
+        node_factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    from chatd.control import TokensRevoked
+
+    node = await node_factory()
+    alice = await node.user()
+    release = asyncio.Event()
+    load = node.store.group_ids_of
+
+    async def held_back(uids: Any) -> Any:  # the real query, made to wait
+        await release.wait()
+        return await load(uids)
+
+    monkeypatch.setattr(node.store, "group_ids_of", held_back)
+    a = await connect(node.url(alice))
+    assert [c.uid for c in node.shard.loading] == [alice]
+    node.shard.apply(TokensRevoked(uid=alice, version=1))
+    release.set()
+    assert await a.wait_closed() == 4501

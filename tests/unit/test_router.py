@@ -39,3 +39,37 @@ def test_length_encodings_at_every_boundary(size: int, opcode: int, expected: Op
 @given(st.binary(max_size=300))
 def test_any_payload_round_trips(payload: bytes) -> None:
     assert parse(ws_frame(OP_BINARY, payload)).data == payload
+
+
+class Device:
+    """What the router needs of a connection: uid, state, encoding, write()."""
+
+    def __init__(self, uid: int) -> None:
+        self.uid = uid
+        self.state = 0
+        self.binary = False
+        self.live_from = 0
+        self.top = 0
+        self.groups: frozenset[int] = frozenset()
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+
+def test_the_senders_other_device_gets_the_copy_even_if_the_sender_is_gone() -> None:
+    from chatd.registry import Registry
+    from chatd.router import CLOSING, Router
+    from chatd.store import STORED
+    from chatd.wire import Message
+
+    registry = Registry(10)
+    phone, desktop, bob = Device(1), Device(1), Device(2)
+    for conn in (desktop, bob):  # the phone disconnected before the commit
+        registry.reserve()
+        registry.add(conn)
+    phone.state = CLOSING
+    msg = Message(id=5, userid=1, cmd=10, dstid=2, media=1, content="hi", ts=1)
+    Router(registry).on_commit([(msg, phone, STORED)])
+    assert desktop.written and bob.written and not phone.written
+    assert parse(desktop.written[0]).data == parse(bob.written[0]).data
