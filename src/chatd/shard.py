@@ -26,6 +26,7 @@ import time
 from typing import Any, Final
 from urllib.parse import parse_qs
 
+import cachetools
 from picows import (
     WSCloseCode,
     WSListener,
@@ -93,6 +94,8 @@ GROUP_LOAD_BATCH: Final = 500
 #: closed as a slow consumer (it syncs again when it comes back): at least this
 #: many, more with a bigger slow_consumer_bytes (one per 64 bytes of it)
 HELD_MIN: Final = 1_000
+#: image urls whose preview url (or its absence) is remembered
+PREVIEW_CACHE_SIZE: Final = 10_000
 _NO_GROUPS: Final[frozenset[int]] = frozenset()
 _monotonic = time.monotonic
 
@@ -325,7 +328,7 @@ class Conn(WSListener):
             shard = self.shard
             if msg.media == MEDIA_IMAGE and not msg.pic:
                 # recipients download the small preview first, not the original
-                msg.pic = preview_url_for(msg.url, shard.media_dir) or ""
+                msg.pic = shard.preview_of(msg.url)
             if shard.draining or not shard.store.submit(msg, self):
                 self.send_error(ERR_BUSY, "server busy, retry later", msg.cid)
         elif cmd == CMD_SYNC:
@@ -439,6 +442,7 @@ class Shard:
         self.limiter = RateLimiter(cfg.rate_per_s, cfg.rate_burst) if cfg.rate_limit else None
         self.media_dir = cfg.data_path / "media"
         self.held_max = max(HELD_MIN, cfg.slow_consumer_bytes // 64)
+        self._previews: cachetools.LRUCache[str, str] = cachetools.LRUCache(PREVIEW_CACHE_SIZE)
         #: connections upgraded but not registered yet (their groups are loading)
         self.loading: set[Conn] = set()
         self._to_load: list[Conn] = []
@@ -483,6 +487,19 @@ class Shard:
         self.port = self._server.sockets[0].getsockname()[1]
         self.spawn(self._sweep())
         self.spawn(self._group_loader())
+
+    def preview_of(self, url: str) -> str:
+        """The preview url of an uploaded image ``url`` ("" if none).
+
+        Uploads are content-addressed and written before their url is known,
+        so the answer for a url never changes: it is cached, and the file
+        system is asked once per url, not once per message.
+        """
+        pic = self._previews.get(url)
+        if pic is None:
+            pic = preview_url_for(url, self.media_dir) or ""
+            self._previews[url] = pic
+        return pic
 
     # --- group memberships of new connections ------------------------------------------
 

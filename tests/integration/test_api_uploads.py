@@ -227,3 +227,18 @@ async def test_a_chunked_body_of_many_fields_is_refused_before_it_is_all_read(
            b"Connection: close\r\nTransfer-Encoding: chunked\r\n\r\n") + chunked
     status, _, _ = await http_request(api.port, raw, timeout=30)
     assert status == 413
+
+
+async def test_an_image_message_gets_the_preview_only_for_a_stored_upload(api: Api) -> None:
+    from conftest import connect
+
+    node = api.node
+    uid, token = await api.user()
+    bob = await node.user()
+    body = await _upload_ok(api, data=_form(image_bytes("PNG", (600, 300))), token=token)
+    a, b = await connect(node.url(uid)), await connect(node.url(bob))
+    stranger = "/media/" + "0" * 64 + ".png"  # the right shape, never uploaded
+    for i, url in enumerate([body["url"], stranger, body["url"]]):
+        a.send(cmd=10, dstid=bob, media=4, url=url, cid=f"i{i}")
+    got = [await b.recv_until(lambda f, i=i: f.get("cid") == f"i{i}") for i in range(3)]
+    assert [g.get("pic", "") for g in got] == [body["pic"], "", body["pic"]]
