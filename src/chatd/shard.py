@@ -197,8 +197,21 @@ class Conn(WSListener):
             shard.load_groups(self)
 
     def on_groups(self, groups: frozenset[int]) -> None:
-        """The user's groups are known: register, then act on waiting frames."""
+        """The user's groups are known: register, then act on waiting frames.
+
+        Called again for a registered connection when a join or leave came
+        while its first set was loading (that set may predate the change).
+        """
         if self.state == CLOSING:
+            return
+        if self.waiting is None:
+            registry = self.shard.registry
+            for gid in self.groups - groups:
+                registry.leave(self, gid)
+            for gid in groups - self.groups:
+                registry.join(self, gid)
+            self.groups = groups
+            self.live_from = -1  # messages of a new group may have gone by
             return
         self._register(groups)
         waiting, self.waiting = self.waiting, None
@@ -222,6 +235,7 @@ class Conn(WSListener):
         self.state = CLOSING
         shard = self.shard
         shard.loading.discard(self)
+        shard._reload_groups.discard(self)
         shard.registry.remove(self)
         shard.registry.release()
         if self.writable is not None and not self.writable.done():
@@ -446,6 +460,8 @@ class Shard:
         #: connections upgraded but not registered yet (their groups are loading)
         self.loading: set[Conn] = set()
         self._to_load: list[Conn] = []
+        #: loading connections whose set must be read again (a join or leave came)
+        self._reload_groups: set[Conn] = set()
         self._load_wake: asyncio.Event | None = None
         self.tick = 1
         self.draining = False
@@ -540,6 +556,11 @@ class Shard:
                 except Exception:
                     log.exception("registering a connection of user %d failed", conn.uid)
                     conn.close(CLOSE_SERVER_ERROR, "server error")
+                    continue
+                if conn in self._reload_groups:
+                    self._reload_groups.discard(conn)
+                    if conn.state != CLOSING:
+                        self.load_groups(conn)
 
     # --- handshake ------------------------------------------------------------------
 
@@ -591,6 +612,9 @@ class Shard:
         """Apply a node-local control event to this shard's live connections."""
         conns = list(self.registry.get(event.uid) or ())
         loading = [c for c in self.loading if c.uid == event.uid]
+        if isinstance(event, GroupJoined | GroupLeft):
+            # their sets may be read before the change committed: read again
+            self._reload_groups.update(loading)
         if isinstance(event, GroupJoined):
             for conn in conns:
                 conn.groups = conn.groups | {event.gid}

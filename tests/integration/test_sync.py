@@ -347,3 +347,42 @@ async def test_a_revocation_reaches_a_connection_whose_groups_are_still_loading(
     node.shard.apply(TokensRevoked(uid=alice, version=1))
     release.set()
     assert await a.wait_closed() == 4501
+
+
+async def test_a_join_while_the_groups_are_loading_is_not_lost(
+        node_factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The group set is read, then the API commits a join and its event comes
+    before that (stale) set is applied: the connection reads its groups again
+    and gets the group's messages live."""
+    from chatd.control import GroupJoined
+
+    node = await node_factory()
+    alice, bob = await node.user(), await node.user()
+    gid = await node.group(bob)
+    release = asyncio.Event()
+    load = node.store.group_ids_of
+
+    async def read_then_wait(uids: Any) -> Any:  # the real query, applied late
+        result = await load(uids)
+        await release.wait()
+        return result
+
+    monkeypatch.setattr(node.store, "group_ids_of", read_then_wait)
+    a = await connect(node.url(alice))
+    assert [c.uid for c in node.shard.loading] == [alice]
+    await node.store.join_group(gid, alice)
+    node.shard.apply(GroupJoined(uid=alice, gid=gid))
+    release.set()
+    b = await connect(node.url(bob))
+
+    async def until_live() -> dict[str, Any]:
+        for i in range(200):  # the second read is under way: send until it lands
+            b.send(cmd=11, dstid=gid, media=1, content="hi", cid=f"g{i}")
+            try:
+                return await a.recv_until(lambda f: f.get("cmd") == 11, timeout=0.2)
+            except TimeoutError:
+                continue
+        raise AssertionError("alice never got the group's messages")
+
+    got = await until_live()
+    assert got["dstid"] == gid and got["userid"] == bob
