@@ -358,3 +358,21 @@ async def close_clients(*clients: Client) -> None:
             c.tr.disconnect()
     for c in clients:
         await c.wait_closed()
+
+
+async def group_send_until_received(sender: Client, receiver: Client, gid: int, *,
+                                    content: str = "hi", tries: int = 200,
+                                    wait_s: float = 0.2) -> dict[str, Any]:
+    """Send new group messages until ``receiver`` gets one live; that copy.
+
+    For a membership change that travels asynchronously (an API event through
+    the supervisor, a second read of the groups): a message stored before it
+    lands is not the receiver's live copy, so new ones are sent (fresh cids).
+    """
+    for attempt in range(tries):
+        sender.send(cmd=11, dstid=gid, media=1, content=content, cid=f"until{attempt}")
+        try:
+            return await receiver.recv_until(lambda f: f.get("cmd") == 11, timeout=wait_s)
+        except TimeoutError:
+            continue
+    raise AssertionError(f"no group message of {gid} reached the receiver")

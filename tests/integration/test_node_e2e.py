@@ -12,7 +12,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import UNIT, ServerProcess, connect
+from conftest import UNIT, ServerProcess, connect, group_send_until_received
 from PIL import Image
 
 
@@ -56,19 +56,9 @@ async def test_api_changes_reach_live_connections_across_processes(tmp_path: Pat
             await http.ok("/contact/joincommunity", data={
                 "userid": bob, "token": bob_token, "dstid": gid})
 
-            async def until_delivered() -> dict[str, Any]:
-                # the event travels api -> supervisor -> shard while this runs: a
-                # message stored before it lands is not bob's live copy, so send
-                # new ones until one arrives (sync would give him the others)
-                for attempt in range(1000):
-                    a.send(cmd=11, dstid=gid, media=1, content="hello team", cid=f"g{attempt}")
-                    try:
-                        return await b.recv_until(lambda f: f.get("cmd") == 11, timeout=0.5)
-                    except TimeoutError:
-                        continue
-                raise AssertionError("the join never reached the shard")
-
-            got = await asyncio.wait_for(until_delivered(), 20 * UNIT)
+            got = await asyncio.wait_for(
+                group_send_until_received(a, b, gid, content="hello team", wait_s=0.5),
+                20 * UNIT)
             assert got["userid"] == alice and got["content"] == "hello team"
 
             # an uploaded image: the message that carries its url gets the preview

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import pytest
-from conftest import Client, Node, connect, send_acked, sync_all
+from conftest import Client, Node, connect, group_send_until_received, send_acked, sync_all
 from picows import WSHandshakeError
 
 
@@ -375,14 +375,5 @@ async def test_a_join_while_the_groups_are_loading_is_not_lost(
     release.set()
     b = await connect(node.url(bob))
 
-    async def until_live() -> dict[str, Any]:
-        for i in range(200):  # the second read is under way: send until it lands
-            b.send(cmd=11, dstid=gid, media=1, content="hi", cid=f"g{i}")
-            try:
-                return await a.recv_until(lambda f: f.get("cmd") == 11, timeout=0.2)
-            except TimeoutError:
-                continue
-        raise AssertionError("alice never got the group's messages")
-
-    got = await until_live()
+    got = await group_send_until_received(b, a, gid)
     assert got["dstid"] == gid and got["userid"] == bob
