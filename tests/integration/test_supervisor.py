@@ -9,7 +9,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import UNIT, ServerProcess, connect, run_cli
+from conftest import UNIT, Client, ServerProcess, connect, run_cli
+from picows import WSError
 
 
 def _children(server: ServerProcess) -> list[psutil.Process]:
@@ -50,18 +51,22 @@ async def test_a_killed_shard_is_restarted_on_the_same_port(tmp_path: Path) -> N
         client = await connect(f"ws://127.0.0.1:{port}/chat?id={uid}&token={token}")
         shard.kill()
         await client.wait_closed()
-        await _wait_for(lambda: any(c.pid != shard.pid for c in _children(server)))
+        [api_pid] = re.findall(r"started api-0 \(pid (\d+)\)", "".join(server.lines))
+        # a new shard process: neither the killed one nor the API worker
+        await _wait_for(lambda: any(c.pid not in (shard.pid, int(api_pid))
+                                    for c in _children(server)))
 
-        async def reconnect() -> None:
+        async def reconnect() -> Client:
             while True:
                 try:
-                    await connect(f"ws://127.0.0.1:{port}/chat?id={uid}&token={token}")
-                    return
-                except OSError:
+                    return await connect(f"ws://127.0.0.1:{port}/chat?id={uid}&token={token}")
+                except (OSError, WSError):  # refused until the new shard listens
                     await asyncio.sleep(0.05)
 
-        await asyncio.wait_for(reconnect(), 20 * UNIT)
+        again = await asyncio.wait_for(reconnect(), 20 * UNIT)
         server.signal(signal.SIGTERM)
+        # the restarted shard drains like the first one would have: close 1001
+        assert await again.wait_closed(10) == 1001
         assert await server.wait() == 0
         log = "".join(server.lines)
         assert re.search(r"shard-0 exited with status -9 .* restarting", log), log
