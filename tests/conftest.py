@@ -98,10 +98,12 @@ async def node_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[
         store, shard = await open_node(cfg)
         n = Node(cfg, store, shard)
         nodes.append(n)
+        _NODES[n.port] = n
         return n
 
     yield start
     for n in nodes:
+        _NODES.pop(n.port, None)
         await n.shard.drain(2 * UNIT)
         await n.store.close()
 
@@ -166,12 +168,34 @@ class Client(WSListener):  # type: ignore[misc]
         assert self.frames.empty(), f"unexpected frame {self.frames.get_nowait()}"
 
 
-async def connect(url: str, **kwargs: Any) -> Client:
-    """Open a picows connection to ``url`` and return its listener."""
+#: in-process nodes by chat port, so that ``connect`` can wait for registration
+_NODES: dict[int, Node] = {}
+
+
+async def settled(node: Node, timeout: float = 5.0) -> None:
+    """Wait until no connection of ``node`` is still loading its groups.
+
+    Live delivery starts when a connection is registered, a moment after the
+    handshake (its groups are read first); a test that expects a live copy
+    right after connecting waits for that, as a real client resumes with
+    ``last=`` instead.
+    """
+    async def go() -> None:
+        while node.shard.loading:
+            await asyncio.sleep(0.001)
+    await asyncio.wait_for(go(), timeout * UNIT)
+
+
+async def connect(url: str, *, settle: bool = True, **kwargs: Any) -> Client:
+    """Open a picows connection to ``url`` and return its listener; on an
+    in-process node, once it is registered (``settle=False``: at once)."""
     # plain loop transports, like the server's: aiofastnet's client transport
     # under uvloop never reported a server close that raced a flood of frames
     kwargs.setdefault("use_aiofastnet", False)
     _, client = await ws_connect(Client, url, **kwargs)
+    node = _NODES.get(int(url.split(":")[2].split("/")[0]))
+    if settle and node is not None:
+        await settled(node)
     return client  # type: ignore[no-any-return]
 
 

@@ -342,7 +342,7 @@ async def test_a_revocation_reaches_a_connection_whose_groups_are_still_loading(
         return await load(uids)
 
     monkeypatch.setattr(node.store, "group_ids_of", held_back)
-    a = await connect(node.url(alice))
+    a = await connect(node.url(alice), settle=False)
     assert [c.uid for c in node.shard.loading] == [alice]
     node.shard.apply(TokensRevoked(uid=alice, version=1))
     release.set()
@@ -368,7 +368,7 @@ async def test_a_join_while_the_groups_are_loading_is_not_lost(
         return result
 
     monkeypatch.setattr(node.store, "group_ids_of", read_then_wait)
-    a = await connect(node.url(alice))
+    a = await connect(node.url(alice), settle=False)
     assert [c.uid for c in node.shard.loading] == [alice]
     await node.store.join_group(gid, alice)
     node.shard.apply(GroupJoined(uid=alice, gid=gid))
