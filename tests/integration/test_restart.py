@@ -4,6 +4,7 @@ another live chatd listens on is still refused."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 from pathlib import Path
@@ -23,10 +24,8 @@ def _kill_group(server: ServerProcess) -> None:
     """SIGKILL the supervisor and every process under it at the same instant."""
     procs = [psutil.Process(server.proc.pid), *psutil.Process(server.proc.pid).children(True)]
     for p in procs:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
     psutil.wait_procs(procs, timeout=10)
     server.proc.wait()
 
