@@ -41,6 +41,7 @@ from chatd.auth import TokenChecker
 from chatd.config import Config
 from chatd.control import Event, GroupJoined, GroupLeft, TokensRevoked, UserBanned
 from chatd.errors import AuthError, FrameError
+from chatd.handshake import normalize_origin, origin_allowed
 from chatd.media import preview_url_for
 from chatd.registry import STRIPES, Registry
 from chatd.router import CLOSING, LIVE, SYNCING, Router
@@ -497,6 +498,9 @@ class Shard:
         self.router = Router(self.registry)
         self.limiter = RateLimiter(cfg.rate_per_s, cfg.rate_burst) if cfg.rate_limit else None
         self.media_dir = cfg.data_path / "media"
+        self.origins = frozenset(
+            o if o == "*" else normalize_origin(o) for o in cfg.allowed_origins
+        )
         self.held_max = max(HELD_MIN, cfg.slow_consumer_bytes // 64)
         self._previews: cachetools.LRUCache[str, str] = cachetools.LRUCache(PREVIEW_CACHE_SIZE)
         #: connections upgraded but not registered yet (their groups are loading)
@@ -622,6 +626,13 @@ class Shard:
         return _json_response(404, {"error": "not found"})
 
     def _chat(self, request: WSUpgradeRequest, query: bytes) -> Any:
+        headers = request.headers
+        origin = headers.get("origin")
+        if origin is not None and not origin_allowed(
+            origin, headers.get("host"), self.origins, self.cfg.api_port
+        ):
+            log.debug("handshake refused: origin %s not allowed", origin)
+            return _json_response(403, {"error": "origin not allowed"})
         try:
             params = parse_qs(query.decode("latin-1"))
             uid = int(params["id"][0])
