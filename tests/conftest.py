@@ -29,7 +29,8 @@ from picows import WSListener, WSMsgType, ws_connect
 
 from chatd import auth
 from chatd.config import Config
-from chatd.server import open_node
+from chatd.log import Log
+from chatd.server import EmbeddedNode, open_node
 from chatd.shard import Shard
 from chatd.store import Store
 
@@ -54,10 +55,12 @@ TEST_PASSWORD_HASH = auth.hash_password("secret")
 class Node:
     """A running in-process chatd node and helpers to set up its data."""
 
-    def __init__(self, cfg: Config, store: Store, shard: Shard) -> None:
+    def __init__(self, cfg: Config, embedded: EmbeddedNode) -> None:
         self.cfg = cfg
-        self.store = store
-        self.shard = shard
+        self.embedded = embedded
+        self.store: Store = embedded.store
+        self.log: Log = embedded.log
+        self.shard: Shard = embedded.shard
         self.secret = auth.load_or_create_secret(cfg.data_path)
         self._mobiles = 0
 
@@ -78,9 +81,11 @@ class Node:
                                             nickname)
 
     async def group(self, owner: int, *members: int) -> int:
-        gid = await self.store.create_group(f"group-{owner}", owner)
+        """A group made through the node's log, as the API makes them (live
+        connections of its members enter it at once)."""
+        gid = await self.log.create_group(f"group-{owner}", owner)
         for uid in members:
-            await self.store.join_group(gid, uid)
+            await self.log.join_group(gid, uid)
         return gid
 
 
@@ -95,8 +100,7 @@ async def node_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[
 
     async def start(**overrides: Any) -> Node:
         cfg = make_config(tmp_path / f"node{len(nodes)}", **overrides)
-        store, shard = await open_node(cfg)
-        n = Node(cfg, store, shard)
+        n = Node(cfg, await open_node(cfg))
         nodes.append(n)
         _NODES[n.port] = n
         return n
@@ -104,8 +108,7 @@ async def node_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[
     yield start
     for n in nodes:
         _NODES.pop(n.port, None)
-        await n.shard.drain(2 * UNIT)
-        await n.store.close()
+        await n.embedded.close(2 * UNIT)
 
 
 @pytest.fixture
@@ -164,8 +167,17 @@ class Client(WSListener):  # type: ignore[misc]
         await asyncio.wait_for(self.closed.wait(), timeout * UNIT)
         return self.close_code
 
-    def assert_silent(self) -> None:
-        assert self.frames.empty(), f"unexpected frame {self.frames.get_nowait()}"
+    async def assert_quiet(self, timeout: float = 5.0) -> None:
+        """Nothing was sent to this connection that the test did not read.
+
+        A round trip, not a look at one instant: a cmd 4 from an id above any
+        bound is answered at once by the connection's session, so every frame
+        the server wrote before it arrives first.
+        """
+        probe = 1 << 62
+        self.send(cmd=4, id=probe)
+        frame = await self.recv(timeout)
+        assert frame == {"cmd": 4, "id": probe}, f"unexpected frame {frame}"
 
 
 #: in-process nodes by chat port, so that ``connect`` can wait for registration
@@ -181,7 +193,7 @@ async def settled(node: Node, timeout: float = 5.0) -> None:
     ``last=`` instead.
     """
     async def go() -> None:
-        while node.shard.loading:
+        while node.shard.pending:
             await asyncio.sleep(0.001)
     await asyncio.wait_for(go(), timeout * UNIT)
 
@@ -240,6 +252,27 @@ class ServerProcess:
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
+
+    def admin(self, *args: str) -> Any:
+        """``chatd admin ARGS --json`` against this node; the decoded answer."""
+        done = run_cli("admin", *args, "--json", data_dir=self.data_dir)
+        return json.loads(done.stdout)
+
+    async def shard_of(self, uid: int, timeout: float = 10.0) -> dict[str, Any]:
+        """The admin's row of the shard that holds ``uid``'s (only) connection."""
+        loop = asyncio.get_running_loop()
+
+        async def go() -> dict[str, Any]:
+            while True:
+                rows = await loop.run_in_executor(None, self.admin, "online", str(uid))
+                if rows:
+                    [row] = rows
+                    shards = await loop.run_in_executor(None, self.admin, "shards", "list")
+                    [shard] = [s for s in shards if s["index"] == row["shard"]]
+                    return dict(shard)
+                await asyncio.sleep(0.05)  # registered a moment after the handshake
+
+        return await asyncio.wait_for(go(), timeout * UNIT)
 
     async def wait(self, timeout: float = 20.0) -> int:
         loop = asyncio.get_running_loop()
@@ -382,21 +415,3 @@ async def close_clients(*clients: Client) -> None:
             c.tr.disconnect()
     for c in clients:
         await c.wait_closed()
-
-
-async def group_send_until_received(sender: Client, receiver: Client, gid: int, *,
-                                    content: str = "hi", tries: int = 200,
-                                    wait_s: float = 0.2) -> dict[str, Any]:
-    """Send new group messages until ``receiver`` gets one live; that copy.
-
-    For a membership change that travels asynchronously (an API event through
-    the supervisor, a second read of the groups): a message stored before it
-    lands is not the receiver's live copy, so new ones are sent (fresh cids).
-    """
-    for attempt in range(tries):
-        sender.send(cmd=11, dstid=gid, media=1, content=content, cid=f"until{attempt}")
-        try:
-            return await receiver.recv_until(lambda f: f.get("cmd") == 11, timeout=wait_s)
-        except TimeoutError:
-            continue
-    raise AssertionError(f"no group message of {gid} reached the receiver")

@@ -74,14 +74,14 @@ def load_users_file(path: str | Path) -> Users:
 async def _prepare(data_dir: Path, users: int, layouts: list[tuple[int, int]],
                    log: Any) -> Users:
     from chatd import auth
-    from chatd.store import Store
+    from chatd.store import open_store
 
     data_dir.mkdir(parents=True, exist_ok=True)
     manifest = data_dir / MANIFEST
     known = Users.from_json(json.loads(manifest.read_text())) if manifest.exists() else None
     uids = list(known.uids) if known else []
     groups = dict(known.groups) if known else {}
-    store = await Store.open(data_dir / "chatd.db")
+    store = await open_store(data_dir / "chatd.db")
     try:
         if len(uids) < users:
             t0 = time.monotonic()

@@ -1,8 +1,8 @@
 """The HTTP API (DESIGN §4): accounts, contacts, groups, history, uploads.
 
-``make_app`` builds the aiohttp application; the process that runs it (an
-API worker) wires ``publish`` to the shards so that what the API changes
-(group membership, revoked tokens) reaches live connections at once.
+``make_app`` builds the aiohttp application; what the API changes that
+affects live routing (group membership, revoked tokens) goes to ``control``,
+the node's log, which orders it with the messages and tells the shards.
 
 Routes keep the seed's names and its reply envelope (see ``api_common``);
 handlers live in ``api_accounts``, ``api_contacts`` and ``api_media``, the
@@ -42,8 +42,9 @@ from chatd.api_contacts import (
 )
 from chatd.api_media import handle_media, handle_upload
 from chatd.api_openapi import ENDPOINTS, build_spec
+from chatd.bus import Control
 from chatd.config import Config
-from chatd.control import Publish
+from chatd.errors import StoreUnavailable
 from chatd.store import Store
 
 log = logging.getLogger("chatd.api")
@@ -82,6 +83,10 @@ async def envelope_middleware(request: web.Request, handler: Handler) -> web.Str
         response = await handler(request)
     except ApiError as exc:
         response = fail(exc.status, exc.msg)
+    except StoreUnavailable as exc:
+        log.warning("%s %s: store unavailable: %s", request.method, request.path, exc)
+        response = fail(503, "service unavailable, retry")
+        response.headers["Retry-After"] = "1"
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -122,12 +127,13 @@ def make_app(
     cfg: Config,
     store: Store,
     secret: bytes,
-    publish: Publish,
+    control: Control,
     *,
     executor: Executor | None = None,
     max_upload_bytes: int = media.MAX_UPLOAD_BYTES,
 ) -> web.Application:
-    """The API application over ``store``; ``publish`` gets each control event.
+    """The API application over ``store``; routing changes go to ``control``
+    (the node's log), so that they are ordered with the messages.
 
     ``executor`` runs previews (default: a pool of ``DEFAULT_WORKERS`` threads,
     shut down with the app); ``max_upload_bytes`` bounds an upload.
@@ -138,7 +144,7 @@ def make_app(
         cfg=cfg,
         store=store,
         secret=secret,
-        publish=publish,
+        control=control,
         executor=pool,
         media_dir=cfg.data_path / "media",
         max_upload_bytes=max_upload_bytes,

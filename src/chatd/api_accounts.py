@@ -15,7 +15,6 @@ from aiohttp import web
 
 from chatd import auth
 from chatd.api_common import CTX, ApiError, Ctx, authenticate, integer, ok, read_fields, text
-from chatd.control import TokensRevoked
 
 MAX_MOBILE_CHARS: Final = 32
 MIN_PASSWD_CHARS: Final = 6
@@ -142,6 +141,5 @@ async def handle_revoke(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     fields = await read_fields(request)
     uid = await authenticate(request, fields)
-    version = await ctx.store.bump_token_version(uid)
-    await ctx.emit(TokensRevoked(uid=uid, version=version))
+    await ctx.control.revoke_tokens(uid)
     return ok({"id": uid}, "every token of this user is revoked; log in again")

@@ -28,8 +28,8 @@ import msgspec
 from aiohttp import web
 
 from chatd.auth import TokenChecker
+from chatd.bus import Control
 from chatd.config import Config
-from chatd.control import Event, Publish
 from chatd.errors import AuthError, ChatdError
 from chatd.store import Store
 
@@ -58,7 +58,8 @@ class Ctx:
     cfg: Config
     store: Store
     secret: bytes
-    publish: Publish
+    #: the node's log: group joins and leaves, revocations go through it
+    control: Control
     executor: Executor
     media_dir: Path
     max_upload_bytes: int
@@ -71,13 +72,6 @@ class Ctx:
 
     def __post_init__(self) -> None:
         self.checker = TokenChecker(self.secret)
-
-    async def emit(self, event: Event) -> None:
-        """Publish a control event; the change is committed, so a failure is only logged."""
-        try:
-            await self.publish(event)
-        except Exception:
-            log.exception("publishing %r failed", event)
 
 
 CTX: Final = web.AppKey("chatd.api", Ctx)

@@ -1,9 +1,9 @@
 """HTTP API: friends, groups (the seed's "communities") and history pages.
 
-A membership change is committed first and then published as a control
-event (``GroupJoined`` / ``GroupLeft``), so the user's live connections enter
-or leave the group's stream at once, and a shard that reads the store after
-the event sees the same membership.
+A membership change goes through the node's log (``ctx.control``), which
+commits it at its place in the order of the messages: the user's live
+connections enter or leave the group's stream exactly there, with every
+group message committed after a join and none after a leave.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from chatd.api_common import (
     read_fields,
     text,
 )
-from chatd.control import GroupJoined, GroupLeft
 from chatd.errors import NotFoundError
 
 MAX_GROUP_NAME_CHARS: Final = 64
@@ -83,8 +82,10 @@ async def handle_createcommunity(request: web.Request) -> web.Response:
     icon = text(fields, "icon", max_chars=MAX_URL_CHARS)
     cate = integer(fields, "cate", required=False, low=0, high=1 << 31)
     memo = text(fields, "memo", max_chars=MAX_MEMO_CHARS)
-    gid = await ctx.store.add_group(name, uid, icon, cate, memo)
-    await ctx.emit(GroupJoined(uid=uid, gid=gid))
+    try:
+        gid = await ctx.control.create_group(name, uid, icon, cate, memo)
+    except NotFoundError:
+        raise ApiError(401, "no such user") from None
     row = await ctx.store.group_by_id(gid)
     assert row is not None
     return ok(group_view(row), "group created")
@@ -97,11 +98,9 @@ async def handle_joincommunity(request: web.Request) -> web.Response:
     uid = await authenticate(request, fields)
     gid = integer(fields, "dstid")
     try:
-        added = await ctx.store.add_member(gid, uid)
+        added = await ctx.control.join_group(gid, uid)
     except NotFoundError:
         raise ApiError(404, "no such group") from None
-    if added:
-        await ctx.emit(GroupJoined(uid=uid, gid=gid))
     return ok({"id": gid, "joined": added}, "joined" if added else "already a member")
 
 
@@ -116,9 +115,8 @@ async def handle_quitcommunity(request: web.Request) -> web.Response:
         raise ApiError(404, "no such group")
     if group["ownerid"] == uid:
         raise ApiError(403, "the owner cannot leave the group")
-    if not await ctx.store.remove_member(gid, uid):
+    if not await ctx.control.leave_group(gid, uid):
         raise ApiError(404, "you are not a member of this group")
-    await ctx.emit(GroupLeft(uid=uid, gid=gid))
     return ok({"id": gid}, "left the group")
 
 

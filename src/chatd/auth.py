@@ -77,6 +77,8 @@ class TokenChecker:
     def __init__(self, secret: bytes, versions: dict[int, int] | None = None) -> None:
         self._secret = secret
         self.versions: dict[int, int] = dict(versions or {})
+        #: banned users: the shard refuses their handshakes (``check`` does not look)
+        self.banned: set[int] = set()
 
     def revoke(self, uid: int, version: int) -> None:
         """Record that tokens of ``uid`` below ``version`` are no longer valid."""
@@ -85,6 +87,12 @@ class TokenChecker:
 
     def check(self, token: str, uid: int | None = None, now: float | None = None) -> int:
         """Return the token's uid, or raise ``AuthError`` saying why not."""
+        return self.verify(token, uid, now)[0]
+
+    def verify(
+        self, token: str, uid: int | None = None, now: float | None = None
+    ) -> tuple[int, int]:
+        """The token's (uid, version), or ``AuthError`` saying why not."""
         parts = token.split(".")
         if len(parts) != 4:
             raise AuthError("malformed token")
@@ -103,7 +111,7 @@ class TokenChecker:
             raise AuthError("token expired")
         if version < self.versions.get(token_uid, 0):
             raise AuthError("token revoked")
-        return token_uid
+        return token_uid, version
 
 
 def hash_password(password: str) -> str:

@@ -1,7 +1,8 @@
 """The ``chatd`` command line.
 
-``chatd serve`` runs a node; the other commands act on a node's data folder
-directly (the admin socket of a running node comes later). Every option of
+``chatd serve`` runs a node; ``chatd admin`` asks a running one over its admin
+socket (found from ``--data-dir``/``--config``/``CHATD_*``); the other commands
+act on a node's data folder directly. Every option of
 ``serve`` also reads ``CHATD_*`` and the TOML file given by ``--config``.
 Output meant for scripts (an id, a token) is printed alone on stdout; errors go
 to stderr with exit status 1 (2 for bad usage).
@@ -11,14 +12,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from chatd import __version__, auth
 from chatd.config import Config, load
-from chatd.errors import ChatdError
-from chatd.store import Store
+from chatd.errors import ChatdError, StoreUnavailable
+from chatd.store import Store, open_store
 
 
 def _config_flags(p: argparse.ArgumentParser, serving: bool) -> None:
@@ -39,6 +41,12 @@ def _config_flags(p: argparse.ArgumentParser, serving: bool) -> None:
             help="websocket port, 0 for any free one (env CHATD_CHAT_PORT)",
         )
         p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+        p.add_argument(
+            "--shards",
+            type=int,
+            metavar="N",
+            help="shard processes on the chat port, 0 = one per CPU (env CHATD_SHARDS)",
+        )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,20 +80,41 @@ def _parser() -> argparse.ArgumentParser:
     join.add_argument("gid", type=int)
     join.add_argument("uid", type=int)
     _config_flags(join, False)
+
+    admin = sub.add_parser("admin", help="ask the running node (over its admin socket)")
+    acts = admin.add_subparsers(dest="action", required=True)
+    shards = acts.add_parser("shards", help="list, scale or drain the shards")
+    shard_acts = shards.add_subparsers(dest="shards_action", required=True)
+    _admin_flags(shard_acts.add_parser("list", help="the shards and what they hold"))
+    scale = shard_acts.add_parser("scale", help="run N shards (start or retire some)")
+    scale.add_argument("n", type=int)
+    _admin_flags(scale)
+    drain = shard_acts.add_parser("drain", help="retire shard K: its clients move (1012)")
+    drain.add_argument("index", type=int)
+    _admin_flags(drain)
+    online = acts.add_parser("online", help="where a user is connected, since when")
+    online.add_argument("uid", type=int)
+    _admin_flags(online)
+    _admin_flags(acts.add_parser("stats", help="every process's last report"))
     return parser
+
+
+def _admin_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    _config_flags(p, False)
 
 
 def _config(args: argparse.Namespace) -> Config:
     flags = {
         k: getattr(args, k, None)
-        for k in ("data_dir", "host", "chat_port", "api_port", "log_level")
+        for k in ("data_dir", "host", "chat_port", "api_port", "log_level", "shards")
     }
     return load(args.config, flags=flags)
 
 
 def _with_store(cfg: Config, action: Callable[[Store], Awaitable[Any]]) -> Any:
     async def go() -> Any:
-        store = await Store.open(cfg.db_path, synchronous=cfg.db_synchronous)
+        store = await open_store(cfg.db_path, synchronous=cfg.db_synchronous)
         try:
             return await action(store)
         finally:
@@ -102,10 +131,12 @@ def _run(args: argparse.Namespace) -> int:
         return serve(cfg, reload=lambda: _config(args))
     if args.command == "check-config":
         print(
-            f"config ok: chat on {cfg.host}:{cfg.chat_port}, api on {cfg.host}:"
-            f"{cfg.api_port}, data in {cfg.data_dir}"
+            f"config ok: chat on {cfg.host}:{cfg.chat_port} ({cfg.shard_count} shards), api on "
+            f"{cfg.host}:{cfg.api_port}, data in {cfg.data_dir}"
         )
         return 0
+    if args.command == "admin":
+        return _admin(cfg, args)
     if args.command == "user":
         if not args.mobile.strip() or not args.password:
             raise ChatdError("mobile and password must not be empty")
@@ -119,10 +150,96 @@ def _run(args: argparse.Namespace) -> int:
         print(auth.issue_token(secret, args.uid, version, args.ttl or cfg.token_ttl_s))
         return 0
     if args.action == "add":
-        print(_with_store(cfg, lambda s: s.create_group(args.name, args.owner)))
+        print(_with_control(cfg, lambda c: c.create_group(args.name, args.owner)))
         return 0
-    _with_store(cfg, lambda s: s.join_group(args.gid, args.uid))
+    _with_control(cfg, lambda c: c.join_group(args.gid, args.uid))
     return 0
+
+
+def _with_control(cfg: Config, action: Callable[[Any], Awaitable[Any]]) -> Any:
+    """Run a routing change through the running node's log (so live connections
+    learn it at once, in order), or on the store when no node runs."""
+    from chatd.bus.unix import UnixControl
+    from chatd.server import log_socket
+
+    async def go() -> Any:
+        control = UnixControl(log_socket(cfg))
+        try:
+            return await action(control)
+        except StoreUnavailable:
+            if log_socket(cfg).exists() and _log_alive(cfg):
+                raise
+        finally:
+            await control.close()
+        store = await open_store(cfg.db_path, synchronous=cfg.db_synchronous)
+        try:
+            return await action(_StoreControl(store))
+        finally:
+            await store.close()
+
+    return asyncio.run(go())
+
+
+def _log_alive(cfg: Config) -> bool:
+    import socket
+
+    from chatd.server import log_socket
+
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(log_socket(cfg)))
+        except OSError:
+            return False
+    return True
+
+
+class _StoreControl:
+    """The routing changes straight on the store, for a node that is not running."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    async def create_group(self, name: str, owner: int) -> int:
+        return await self._store.create_group(name, owner)
+
+    async def join_group(self, gid: int, uid: int) -> bool:
+        return await self._store.join_group(gid, uid)
+
+
+def _admin(cfg: Config, args: argparse.Namespace) -> int:
+    from chatd.admin import AdminClient
+
+    client = AdminClient(cfg.run_path / "admin.sock")
+    if args.action == "shards":
+        sub = args.shards_action
+        if sub == "list":
+            request: dict[str, Any] = {"cmd": "shards"}
+        elif sub == "scale":
+            request = {"cmd": "scale", "n": args.n}
+        else:
+            request = {"cmd": "drain", "index": args.index}
+    elif args.action == "online":
+        request = {"cmd": "online", "uid": args.uid}
+    else:
+        request = {"cmd": "stats"}
+    data = asyncio.run(client.request(**request))
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+    elif isinstance(data, list):
+        print(_table(data) if data else "(none)")
+    else:
+        print(json.dumps(data, indent=2, sort_keys=True))
+    return 0
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    """Rows of dicts as an aligned text table (columns from the first row)."""
+    columns = list(rows[0])
+    cells = [[str(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

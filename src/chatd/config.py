@@ -14,8 +14,10 @@ the wrong type are refused with a ``ConfigError`` that names the key.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
+import tempfile
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -27,6 +29,8 @@ import msgspec
 from chatd.errors import ConfigError
 
 ENV_PREFIX = "CHATD_"
+#: longest run folder: its sockets' paths must fit in a sockaddr_un (108 bytes)
+_RUN_PATH_MAX = 90
 
 _Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 _Positive = Annotated[int, msgspec.Meta(gt=0)]
@@ -42,6 +46,10 @@ class Config:
     api_port: _Port = 8081
     data_dir: str = "./data"
     log_level: str = "info"
+    #: shard processes on the chat port; 0 = one per CPU
+    shards: Annotated[int, msgspec.Meta(ge=0, le=1024)] = 0
+    #: the node's sockets (the log's, the admin's): "" = DATA_DIR/run
+    run_dir: str = ""
     #: connections one shard accepts; past it the upgrade gets 503 + Retry-After
     max_conns: _Positive = 100_000
     #: browser origins allowed to open a chat connection: empty = same-origin
@@ -76,6 +84,26 @@ class Config:
     @property
     def db_path(self) -> Path:
         return self.data_path / "chatd.db"
+
+    @property
+    def shard_count(self) -> int:
+        """How many shards ``chatd serve`` starts with (``shards``, or the CPU count)."""
+        return self.shards or os.cpu_count() or 1
+
+    @property
+    def run_path(self) -> Path:
+        """The folder of the node's Unix sockets (mode 0700).
+
+        A socket's path must fit in 108 bytes: a folder too deep for that is
+        replaced by one in the temp folder named after it, so every process
+        (and ``chatd admin``) finds the same one.
+        """
+        folder = Path(self.run_dir) if self.run_dir else self.data_path / "run"
+        folder = folder.resolve()
+        if len(str(folder)) > _RUN_PATH_MAX:
+            digest = hashlib.sha256(str(folder).encode()).hexdigest()[:16]
+            folder = Path(tempfile.gettempdir()) / f"chatd-{os.getuid()}-{digest}"
+        return folder
 
 
 _TYPES: dict[str, Any] = typing.get_type_hints(Config, include_extras=True)

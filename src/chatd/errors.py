@@ -5,7 +5,9 @@ The tree::
     ChatdError                 root of everything chatd raises on purpose
     ├── ConfigError            bad configuration (flag, environment, TOML file)
     ├── StoreError             the database is missing, newer than us, or broken
-    │   └── NotFoundError      a user, group or row that the caller named is absent
+    │   ├── NotFoundError      a user, group or row that the caller named is absent
+    │   └── StoreUnavailable   the store cannot answer now (busy, full, gone, the
+    │                          node's log unreachable): nothing was done, retry
     ├── AuthError              a token or password that does not check out
     ├── FrameError             a client sent a frame we cannot act on; carries the
     │                          error code and reason for the cmd-5 error frame
@@ -35,6 +37,10 @@ class StoreError(ChatdError):
 
 class NotFoundError(StoreError):
     """A named user, group or row does not exist."""
+
+
+class StoreUnavailable(StoreError):
+    """The store (or the node's log in front of it) cannot answer now; retry."""
 
 
 class AuthError(ChatdError):

@@ -1,15 +1,20 @@
 """The processes of a node: ``serve`` starts the supervisor, which starts
 the children whose entry points are here.
 
-A shard child opens the store, loads the token revocations, starts its shard
-on the chat port (SO_REUSEPORT) and reports ready; it applies control events
-the supervisor forwards, and drains when told to, on its own SIGTERM/SIGINT,
-or when the supervisor's pipe closes: the listening socket closes, queued
-messages are committed (and acked), clients get close 1001, and the process
-exits 0 within ``drain_timeout_s``.
+- The log child (one per node) opens the store, starts the node's ordered
+  log (``chatd.log``) and serves it on ``log.sock`` in the run folder.
+- A shard child opens the store read-only (for replays), connects to the log
+  (``bus.unix``), listens on the chat port (SO_REUSEPORT) and reports ready.
+- An API worker serves the HTTP API; its routing changes go to the log.
+
+Each drains when told to, on its own SIGTERM/SIGINT, or when the supervisor's
+pipe closes: a shard stops listening, waits for the log's answers to what it
+submitted, closes its clients with 1001 (1012 when it is retired) and exits
+within ``drain_timeout_s``; the log, drained after the shards, commits what
+is queued.
 
 ``open_node`` starts a complete single-shard node in the calling event loop
-(the tests and embedded uses run it directly).
+(the tests and embedded uses run it directly; the log runs in that loop).
 """
 
 from __future__ import annotations
@@ -20,21 +25,29 @@ import logging
 import signal
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any, Final
 
 import uvloop
 
 from chatd import auth
+from chatd.bus.local import LocalLink
+from chatd.bus.unix import LogServer, UnixControl, UnixLogLink
 from chatd.config import Config
-from chatd.control import Event, Link, decode_event, encode_event
+from chatd.control import Link
+from chatd.log import Log
 from chatd.shard import Shard
-from chatd.store import Store
+from chatd.store import Store, open_store
 from chatd.supervisor import Supervisor
+from chatd.wire import CLOSE_GOING_AWAY, CLOSE_SERVICE_RESTART
 
 log = logging.getLogger("chatd.server")
 
 STATUS_PERIOD_S: Final = 2.0
+#: how long a new shard waits for the log's welcome before it reports ready anyway
+READY_WAIT_S: Final = 10.0
 
 
 def setup_logging(level: str) -> None:
@@ -48,24 +61,45 @@ def setup_logging(level: str) -> None:
         logging.getLogger("chatd.ws").setLevel(logging.WARNING)
 
 
-async def open_node(cfg: Config) -> tuple[Store, Shard]:
-    """Open the store and start a shard listening; the caller drains and closes."""
+@dataclass
+class EmbeddedNode:
+    """A whole single-shard node in the calling event loop (``open_node``)."""
+
+    cfg: Config
+    store: Store
+    log: Log
+    shard: Shard
+    link: LocalLink
+
+    async def close(self, timeout_s: float | None = None) -> None:
+        """Drain the shard (close 1001), commit what is queued, close the store."""
+        await self.shard.drain(self.cfg.drain_timeout_s if timeout_s is None else timeout_s)
+        await self.link.close()
+        await self.log.close()
+        await self.store.close()
+
+
+async def open_node(cfg: Config, *, port: int | None = None) -> EmbeddedNode:
+    """Open the store, start the log and a shard listening, in this loop.
+
+    The embedded default: the log's writer runs in the shard's process
+    (``bus.local``), as ``chatd serve --shards 1`` would with its log alone.
+    """
     cfg.data_path.mkdir(parents=True, exist_ok=True)
     secret = auth.load_or_create_secret(cfg.data_path)
-    store = await Store.open(
-        cfg.db_path,
-        synchronous=cfg.db_synchronous,
-        batch_max=cfg.batch_max,
-        queue_max=cfg.queue_max,
-    )
+    store = await open_store(cfg.db_path, synchronous=cfg.db_synchronous)
     try:
+        node_log = Log(store, batch_max=cfg.batch_max, queue_max=cfg.queue_max)
+        await node_log.start()
         checker = auth.TokenChecker(secret, await store.token_versions())
         shard = Shard(cfg, store, checker)
-        await shard.start()
+        link = LocalLink(node_log, shard)
+        await shard.start(link, port=port)
+        link.connect()
     except BaseException:
         await store.close()
         raise
-    return store, shard
+    return EmbeddedNode(cfg, store, node_log, shard, link)
 
 
 def _die_with_parent() -> None:
@@ -89,60 +123,103 @@ def _set_log_level(level: str) -> None:
     logging.getLogger().setLevel(level.upper())
 
 
-async def _report(link: Link, status: Callable[[], dict[str, int]]) -> None:
+async def _report(link: Link, status: Callable[[], dict[str, Any]]) -> None:
     while True:
         link.send("status", status())
         await asyncio.sleep(STATUS_PERIOD_S)
 
 
-async def run_shard(cfg: Config, index: int, conn: Connection) -> int:
-    """A shard process: serve the chat port until told to drain."""
+def log_socket(cfg: Config) -> Path:
+    """Where the node's log listens for its shards and API workers."""
+    return cfg.run_path / "log.sock"
+
+
+async def run_log(cfg: Config, index: int, conn: Connection) -> int:
+    """The log process: the node's one writer, serving shards and API workers
+    on ``log.sock`` until told to drain (after the shards have drained)."""
     stop = asyncio.Event()
     _child_signals(stop)
-    store, shard = await open_node(cfg)
+    store = await open_store(cfg.db_path, synchronous=cfg.db_synchronous)
+    node_log = Log(store, batch_max=cfg.batch_max, queue_max=cfg.queue_max)
+    await node_log.start()
+    server = LogServer(node_log, log_socket(cfg))
+    await server.start()
 
     def on_message(verb: str, payload: Any) -> None:
         if verb == "drain":
             stop.set()
-        elif verb == "event":
-            shard.apply(decode_event(payload))
         elif verb == "log_level":
             _set_log_level(payload)
 
     link = Link(conn, on_message, stop.set)
     link.start()
-    link.send("ready", {"port": shard.port})
-    log.info("shard %d serving on port %d", index, shard.port)
-    reporter = asyncio.get_running_loop().create_task(
-        _report(
-            link,
-            lambda: {
-                "connections": shard.registry.count,
-                "users": shard.registry.users,
-                "committed": store.committed,
-                "batches": store.batches,
-                "queued": store.queued,
-                "delivered": shard.router.delivered,
-            },
-        )
-    )
+    link.send("ready", {"hw": node_log.hw})
+    log.info("log serving on %s (high-water %d)", server.path, node_log.hw)
+    reporter = asyncio.get_running_loop().create_task(_report(link, node_log.figures))
     await stop.wait()
     reporter.cancel()
-    log.info(
-        "shard %d draining: %d connections, %d queued messages",
-        index,
-        shard.registry.count,
-        store.queued,
-    )
-    await shard.drain(cfg.drain_timeout_s)
+    log.info("log draining: %d queued messages", node_log.queued)
+    try:
+        await asyncio.wait_for(node_log.close(), cfg.drain_timeout_s)
+    except TimeoutError:
+        log.error("log: %d queued messages not committed in time", node_log.queued)
+    await server.close()
     await store.close()
     link.close()
-    log.info(
-        "shard %d stopped: %d messages committed in %d batches",
-        index,
-        store.committed,
-        store.batches,
-    )
+    log.info("log stopped: %d messages committed in %d batches",
+             node_log.committed, node_log.batches)
+    return 0
+
+
+def log_main(cfg: Config, index: int, conn: Connection) -> None:
+    """Entry point of the log child process."""
+    _die_with_parent()
+    setup_logging(cfg.log_level)
+    raise SystemExit(uvloop.run(run_log(cfg, index, conn)))
+
+
+async def run_shard(cfg: Config, index: int, conn: Connection) -> int:
+    """A shard process: serve the chat port until told to drain (1001) or to
+    retire (1012: the node sheds this shard; its clients reconnect to others)."""
+    stop = asyncio.Event()
+    close_code: list[Any] = [CLOSE_GOING_AWAY, "server going away"]
+    _child_signals(stop)
+    secret = auth.load_or_create_secret(cfg.data_path)
+    reader = await open_store(cfg.db_path, writable=False)
+    checker = auth.TokenChecker(secret, await reader.token_versions())
+    checker.banned = set(await reader.banned_users())
+    shard = Shard(cfg, reader, checker, index)
+    bus = UnixLogLink(log_socket(cfg), index, shard)
+    await shard.start(bus)
+    bus.start()
+
+    def on_message(verb: str, payload: Any) -> None:
+        if verb == "drain":
+            stop.set()
+        elif verb == "retire":
+            close_code[:] = [CLOSE_SERVICE_RESTART, "shard retired, reconnect"]
+            stop.set()
+        elif verb == "ask":
+            req, what, args = payload
+            link.send("answer", (req, shard.answer(what, args)))
+        elif verb == "log_level":
+            _set_log_level(payload)
+
+    link = Link(conn, on_message, stop.set)
+    link.start()
+    if not await bus.wait_up(READY_WAIT_S):
+        log.warning("shard %d: the log has not answered yet; serving, submissions wait", index)
+    link.send("ready", {"port": shard.port})
+    log.info("shard %d serving on port %d", index, shard.port)
+    reporter = asyncio.get_running_loop().create_task(_report(link, shard.figures))
+    await stop.wait()
+    reporter.cancel()
+    log.info("shard %d draining: %d connections", index, shard.registry.count)
+    await shard.drain(cfg.drain_timeout_s, int(close_code[0]), str(close_code[1]))
+    await bus.close()
+    await reader.close()
+    link.close()
+    log.info("shard %d stopped", index)
     return 0
 
 
@@ -156,8 +233,8 @@ def shard_main(cfg: Config, index: int, conn: Connection) -> None:
 async def run_api(cfg: Config, index: int, conn: Connection) -> int:
     """An API worker process: serve the HTTP API until told to drain.
 
-    Control events its handlers publish go up the pipe; the supervisor hands
-    them to every shard.
+    Routing changes (group joins and leaves, revocations) go to the node's log
+    over its socket.
     """
     from aiohttp import web
 
@@ -167,15 +244,9 @@ async def run_api(cfg: Config, index: int, conn: Connection) -> int:
     stop = asyncio.Event()
     _child_signals(stop)
     secret = auth.load_or_create_secret(cfg.data_path)
-    store = await Store.open(cfg.db_path, synchronous=cfg.db_synchronous)
-
-    link: Link | None = None
-
-    async def publish(event: Event) -> None:
-        assert link is not None
-        link.send("event", encode_event(event))
-
-    app = make_app(cfg, store, secret, publish)
+    store = await open_store(cfg.db_path, synchronous=cfg.db_synchronous)
+    control = UnixControl(log_socket(cfg))
+    app = make_app(cfg, store, secret, control)
     ctx = app[CTX]
 
     def on_message(verb: str, payload: Any) -> None:
@@ -200,6 +271,7 @@ async def run_api(cfg: Config, index: int, conn: Connection) -> int:
     log.info("api %d serving on port %d", index, cfg.api_port)
     await stop.wait()
     await runner.cleanup()
+    await control.close()
     await store.close()
     link.close()
     return 0
@@ -216,4 +288,4 @@ def serve(cfg: Config, reload: Callable[[], Config] | None = None) -> int:
     """``chatd serve``: run the supervisor and its children until SIGTERM;
     ``reload`` re-reads the configuration on SIGHUP."""
     setup_logging(cfg.log_level)
-    return uvloop.run(Supervisor(cfg, api_main, shard_main, reload).run())
+    return uvloop.run(Supervisor(cfg, api_main, shard_main, log_main, reload).run())

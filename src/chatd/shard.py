@@ -1,19 +1,27 @@
-"""A shard: the picows websocket server of one process, and its connections.
+"""A shard: one process's picows websocket server, glue around its sessions.
 
 The listener factory (``Shard.route``) is the router of the handshake:
-``/chat`` authenticates the token and returns a ``Conn``; ``/healthz`` answers a
-small 200; anything else 404. It also mends what picows refuses although
-RFC 6455 allows it (``Connection: keep-alive, Upgrade``, as Firefox sends it).
+``/chat`` checks the origin and the token and returns a ``Conn``;
+``/healthz`` answers a small 200; anything else 404. It also mends what
+picows refuses although RFC 6455 allows it (``Connection: keep-alive,
+Upgrade``, as Firefox sends it).
 
-``Conn.on_ws_frame`` decodes and validates each frame at once (a frame is only
-valid inside the callback), then: heartbeats and enter/leave act on the spot;
-cmd 10/11 go to the store's group-commit queue (the router delivers them after
-the commit); cmd 4 starts a replay from the store. Nothing on this path awaits
-per recipient.
+Everything a connection knows lives in its ``protocol.Session``; ``Conn``
+only feeds it (a frame is valid only inside ``on_ws_frame``: it is decoded at
+once) and writes what it collects. The shard talks to the node's log through
+a ``bus.LogLink``: it submits validated messages and reports which users it
+holds; the log's batches come back to ``on_batch`` in the node's order, and
+the shard acks its senders and fans out to its connections (``fanout``).
 
-Liveness is one shard-wide sweep: each frame stamps the connection with the
-shard's current tick; the sweep advances the tick, pings connections silent
-for 3 ticks and closes those silent for 5 (a tick is idle_timeout / 5).
+Presence on this shard, per user: ``pending`` (its first connection is here,
+the log has not placed it yet: its sessions wait in LOADING), ``present``
+(the log sends everything for it). The log sees ``Online`` and ``Offline``
+strictly alternating per user.
+
+Liveness is one shard-wide sweep: each frame stamps the session with the
+shard's current tick; the sweep advances the tick, pings sessions silent for
+3 ticks, closes those silent for 5 (a tick is idle_timeout / 5) and aborts
+connections whose closing handshake did not finish within 2 ticks.
 """
 
 from __future__ import annotations
@@ -21,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import sqlite3
 import time
 from typing import Any, Final
 from urllib.parse import parse_qs
@@ -38,14 +45,27 @@ from picows import (
 )
 
 from chatd.auth import TokenChecker
+from chatd.bus import LogLink
+from chatd.bus.frames import (
+    Acked,
+    AnyItem,
+    Banned,
+    Deliver,
+    Here,
+    Joined,
+    Left,
+    Refused,
+    Revoked,
+    Unbanned,
+    Welcome,
+)
 from chatd.config import Config
-from chatd.control import Event, GroupJoined, GroupLeft, TokensRevoked, UserBanned
-from chatd.errors import AuthError, FrameError
+from chatd.errors import AuthError, FrameError, StoreError
+from chatd.fanout import Fanout
 from chatd.handshake import normalize_origin, origin_allowed
 from chatd.media import preview_url_for
+from chatd.protocol import CLOSED, CLOSING, SYNCING, Limits, Session, Verdict
 from chatd.registry import STRIPES, Registry
-from chatd.router import CLOSING, LIVE, SYNCING, Router
-from chatd.session import RateLimiter, add_fragment
 from chatd.store import Store
 from chatd.wire import (
     CLOSE_BANNED,
@@ -54,25 +74,13 @@ from chatd.wire import (
     CLOSE_PROTOCOL_ERROR,
     CLOSE_RATE_LIMITED,
     CLOSE_REVOKED,
-    CLOSE_SERVER_ERROR,
     CLOSE_SLOW_CONSUMER,
     CLOSE_TOO_BIG,
-    CMD_ACK,
-    CMD_GROUP,
-    CMD_GROUP_ENTER,
-    CMD_GROUP_LEAVE,
-    CMD_PRIVATE,
-    CMD_SYNC,
     ERR_BUSY,
-    ERR_CONFLICT,
-    ERR_FORBIDDEN,
-    ERR_SERVER,
     MEDIA_IMAGE,
     Message,
     decode_json,
     decode_msgpack,
-    encode_json,
-    encode_msgpack,
     error_frame,
 )
 
@@ -89,12 +97,12 @@ CLOSE: Final = WSMsgType.CLOSE
 PING_AFTER_TICKS: Final = 3
 IDLE_AFTER_TICKS: Final = 5
 ABORT_CLOSING_AFTER_TICKS: Final = 2
-#: most users whose groups one store query loads
-GROUP_LOAD_BATCH: Final = 500
 #: live copies held for one connection while its replay runs, past which it is
 #: closed as a slow consumer (it syncs again when it comes back): at least this
 #: many, more with a bigger slow_consumer_bytes (one per 64 bytes of it)
 HELD_MIN: Final = 1_000
+#: frames a connection may send before its place in the order is known
+WAITING_MAX: Final = 256
 #: image urls whose preview url (or its absence) is remembered
 PREVIEW_CACHE_SIZE: Final = 10_000
 _NO_GROUPS: Final[frozenset[int]] = frozenset()
@@ -135,177 +143,43 @@ def mend_upgrade_headers(request: WSUpgradeRequest) -> None:
 
 
 class Conn(WSListener):
-    """One websocket connection of an authenticated user."""
+    """The picows glue of one connection: feeds its session, writes its output."""
 
-    __slots__ = (
-        "shard",
-        "uid",
-        "tr",
-        "binary",
-        "state",
-        "groups",
-        "tick",
-        "tokens",
-        "stamp",
-        "frag",
-        "frag_binary",
-        "held",
-        "waiting",
-        "live_from",
-        "top",
-        "resume",
-        "closed_tick",
-        "writable",
-        "inflight",
-        "close_pending",
-    )
+    __slots__ = ("shard", "sess", "tr", "version", "since", "closed_tick", "writable")
 
-    def __init__(self, shard: Shard, uid: int, resume: int = -1) -> None:
+    def __init__(self, shard: Shard, uid: int, version: int, resume: int) -> None:
         self.shard = shard
-        self.uid = uid
-        #: ``last`` from the handshake: replay from there before anything live
-        self.resume = resume
+        self.sess = Session(uid, shard.limits, resume=resume, now=_monotonic(), conn=self)
+        #: the token version it connected with (a revocation past it closes it)
+        self.version = version
+        self.since = time.time()
         self.tr: Any = None
-        self.binary = False
-        self.state = LIVE
-        self.groups: frozenset[int] = _NO_GROUPS
-        self.tick = shard.tick
-        self.tokens = 0.0
-        self.stamp = 0.0
-        self.frag: bytearray | None = None
-        self.frag_binary = False
-        self.held: list[Message] | None = None
-        self.waiting: list[Message] | None = None
-        self.live_from = 0
-        self.top = 0
         self.closed_tick = 0
+        #: set while a replay waits for the client to read (pause_writing)
         self.writable: asyncio.Future[None] | None = None
-        #: messages submitted to the store whose outcome has not come back
-        self.inflight = 0
-        #: (code, reason) of a close that waits for those outcomes to be written
-        self.close_pending: tuple[int, str] | None = None
 
-    # --- lifecycle ----------------------------------------------------------------
+    # --- lifecycle ------------------------------------------------------------
 
     def on_ws_connected(self, transport: Any) -> None:
-        shard = self.shard
         self.tr = transport
-        transport.underlying_transport.set_write_buffer_limits(high=shard.cfg.slow_consumer_bytes)
-        if shard.limiter is not None:
-            shard.limiter.start(self, _monotonic())
-        shard.registry.reserve()
-        # another device of the user on this shard already knows the groups
-        devices = shard.registry.get(self.uid)
-        if devices:
-            self._register(devices[0].groups)
-        else:
-            # frames that arrive before the groups are known wait for them
-            self.waiting = []
-            shard.load_groups(self)
-
-    def on_groups(self, groups: frozenset[int]) -> None:
-        """The user's groups are known: register, then act on waiting frames.
-
-        Called again for a registered connection when a join or leave came
-        while its first set was loading (that set may predate the change).
-        """
-        if self.state == CLOSING:
-            return
-        if self.waiting is None:
-            registry = self.shard.registry
-            for gid in self.groups - groups:
-                registry.leave(self, gid)
-            for gid in groups - self.groups:
-                registry.join(self, gid)
-            self.groups = groups
-            self.live_from = -1  # messages of a new group may have gone by
-            return
-        self._register(groups)
-        waiting, self.waiting = self.waiting, None
-        for msg in waiting or ():
-            self.handle(msg)
-
-    def _register(self, groups: frozenset[int]) -> None:
-        self.groups = groups
-        if self.resume >= 0:
-            # in the same step as registering: no live copy can come first
-            self.state = SYNCING
-            self.held = []
-            self.shard.spawn(self._sync(self.resume))
-            self.resume = -1
-        registry = self.shard.registry
-        registry.add(self)
-        for gid in groups:
-            registry.join(self, gid)
+        transport.underlying_transport.set_write_buffer_limits(
+            high=self.shard.cfg.slow_consumer_bytes
+        )
+        self.sess.tick = self.shard.tick
+        self.shard.connected(self.sess)
 
     def on_ws_disconnected(self, transport: Any) -> None:
-        self.state = CLOSING
-        shard = self.shard
-        shard.loading.discard(self)
-        shard._reload_groups.discard(self)
-        shard.registry.remove(self)
-        shard.registry.release()
+        self.shard.disconnected(self.sess)
         if self.writable is not None and not self.writable.done():
             self.writable.set_result(None)
 
-    def close(self, code: int, reason: str) -> None:
-        """Start the closing handshake (RFC 6455 §7.1.1) with ``code``.
-
-        Nothing more is read or delivered live. The answers to messages the
-        store already accepted from this connection still go out first (a
-        flooding client gets the acks of what was stored, then its 4008);
-        then the close frame, then a TCP half-close, so that the peer reads
-        everything before it sees the end. The socket closes when the peer
-        answers (or goes), or the sweep aborts it two ticks later.
-        """
-        if self.state == CLOSING:
-            return
-        self.state = CLOSING
-        self.closed_tick = self.shard.tick
-        if self.inflight:
-            self.close_pending = (code, reason)
-        else:
-            self._send_close(code, reason)
-
-    def on_outcome(self) -> None:
-        """The store answered one of this connection's messages (router)."""
-        self.inflight -= 1
-        if not self.inflight and self.close_pending is not None:
-            code, reason = self.close_pending
-            self.close_pending = None
-            self._send_close(code, reason)
-
-    def _send_close(self, code: int, reason: str) -> None:
-        tr = self.tr
-        if tr.is_disconnected:
-            return
-        tr.send_close(code, reason.encode())
-        underlying = tr.underlying_transport
-        if underlying.can_write_eof():
-            # a FIN after the queued bytes; reading goes on (and discards), so
-            # unread client frames never turn the close into a reset
-            underlying.write_eof()
-        else:
-            tr.disconnect()
-
-    def hold(self, msg: Message) -> None:
-        """Keep a live copy (or an ack) for after the running replay; a client
-        that lets too much pile up is a slow consumer."""
-        held = self.held
-        if held is None:
-            return
-        if len(held) >= self.shard.held_max:
-            self.close(CLOSE_SLOW_CONSUMER, "slow consumer")
-            return
-        held.append(msg)
-
     def pause_writing(self) -> None:
-        if self.state == SYNCING:
+        if self.sess.state is SYNCING:
             # a replay waits for the client to read; live traffic does not
             if self.writable is None or self.writable.done():
                 self.writable = asyncio.get_running_loop().create_future()
             return
-        self.close(CLOSE_SLOW_CONSUMER, "slow consumer")
+        self.shard.close(self.sess, CLOSE_SLOW_CONSUMER, "slow consumer")
 
     def resume_writing(self) -> None:
         if self.writable is not None and not self.writable.done():
@@ -314,14 +188,16 @@ class Conn(WSListener):
     # --- frames in ------------------------------------------------------------------
 
     def on_ws_frame(self, transport: Any, frame: Any) -> None:
-        if self.state == CLOSING:
+        sess = self.sess
+        state = sess.state
+        if state is CLOSING or state is CLOSED:
             # we started closing: nothing the peer says now is acted on; its
             # close frame completes the handshake
-            if frame.msg_type is CLOSE and self.close_pending is None:
+            if frame.msg_type is CLOSE and sess.close_pending is None:
                 transport.disconnect()
             return
         shard = self.shard
-        self.tick = shard.tick
+        sess.tick = shard.tick
         kind = frame.msg_type
         if kind is TEXT or kind is BINARY:
             binary = kind is BINARY
@@ -330,190 +206,106 @@ class Conn(WSListener):
                 return
             data = frame.get_payload_as_memoryview()
         elif kind is CONTINUATION:
-            data = self._fragment(frame, False, self.frag_binary)
+            data = self._fragment(frame, False, sess.frag_binary)
             if data is None:
                 return
-            binary = self.frag_binary
+            binary = sess.frag_binary
         elif kind is CLOSE:
-            self.state = CLOSING
-            self.closed_tick = shard.tick
+            sess.close(1000, "")
             code = frame.get_close_code()
             transport.send_close(code if code != WSCloseCode.NO_INFO else WSCloseCode.OK)
             transport.disconnect()
             return
         else:
             return  # ping (picows answers it) or pong: only liveness matters
-        limiter = shard.limiter
-        if limiter is not None and not limiter.allow(self, _monotonic()):
-            self.close(CLOSE_RATE_LIMITED, "rate limited")
+        if not sess.allow(_monotonic()):
+            shard.close(sess, CLOSE_RATE_LIMITED, "rate limited")
             return
-        self.binary = binary
+        sess.binary = binary
         try:
             msg = decode_msgpack(data) if binary else decode_json(data)
         except FrameError as exc:
-            self.send_msg(error_frame(exc))
-            return
-        if self.waiting is not None:
-            self.waiting.append(msg)
+            sess.send(error_frame(exc))
         else:
-            self.handle(msg)
+            shard.handle(sess, msg)
+        shard.flush(sess)
 
     def _fragment(self, frame: Any, first: bool, binary: bool) -> bytes | None:
-        if first:
-            self.frag_binary = binary
         try:
-            return add_fragment(
-                self, frame.get_payload_as_bytes(), frame.fin, first, self.shard.cfg.max_frame_bytes
-            )
+            return self.sess.fragment(frame.get_payload_as_bytes(), frame.fin, first, binary)
         except FrameError:
-            self.close(CLOSE_TOO_BIG, "message too big")
+            self.shard.close(self.sess, CLOSE_TOO_BIG, "message too big")
         except ValueError as exc:
-            self.close(CLOSE_PROTOCOL_ERROR, str(exc))
+            self.shard.close(self.sess, CLOSE_PROTOCOL_ERROR, str(exc))
         return None
-
-    def handle(self, msg: Message) -> None:
-        """Act on one valid client frame."""
-        cmd = msg.cmd
-        if cmd in (CMD_PRIVATE, CMD_GROUP):
-            if cmd == CMD_GROUP and msg.dstid not in self.groups:
-                self.send_error(ERR_FORBIDDEN, f"not a member of group {msg.dstid}", msg.cid)
-                return
-            msg.userid = self.uid  # never trust the client's userid
-            msg.id = msg.ts = 0
-            shard = self.shard
-            if msg.media == MEDIA_IMAGE and not msg.pic:
-                # recipients download the small preview first, not the original
-                msg.pic = shard.preview_of(msg.url)
-            if shard.draining or not shard.store.submit(msg, self):
-                self.send_error(ERR_BUSY, "server busy, retry later", msg.cid)
-            else:
-                self.inflight += 1
-        elif cmd == CMD_SYNC:
-            if self.state == SYNCING:
-                self.send_error(ERR_CONFLICT, "a sync is already running", msg.cid)
-            else:
-                self.state = SYNCING
-                self.held = []
-                self.shard.spawn(self._sync(msg.id))
-        elif cmd == CMD_GROUP_ENTER:
-            if msg.dstid not in self.groups:
-                self.send_error(ERR_FORBIDDEN, f"not a member of group {msg.dstid}", msg.cid)
-            else:
-                self.shard.registry.join(self, msg.dstid)
-        elif cmd == CMD_GROUP_LEAVE:
-            self.shard.registry.leave(self, msg.dstid)
-            # group messages now skip this connection: a replay must not assume
-            # that everything from live_from on went out live
-            self.live_from = -1
-        # CMD_HEARTBEAT: receiving it was the point
 
     # --- frames out -----------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        """Write already framed websocket frames (see ``router.ws_frame``)."""
+        """Write already framed websocket frames."""
         self.tr.underlying_transport.write(data)
 
-    def send_msg(self, msg: Message) -> None:
-        if self.binary:
-            self.tr.send(BINARY, encode_msgpack(msg))
-        else:
-            self.tr.send(TEXT, encode_json(msg))
+    def send_close(self, code: int, reason: str) -> None:
+        """The closing handshake's first half: the close frame, then a FIN.
 
-    def send_error(self, code: int, reason: str, cid: str = "") -> None:
-        self.send_msg(error_frame(FrameError(code, reason, cid)))
-
-    async def _sync(self, after: int) -> None:
-        """Replay what the client missed since ``after``, then answer cmd 4."""
-        shard = self.shard
-        page_size = shard.cfg.sync_page
-        # everything for this connection from live_from on was already sent on it
-        before = self.live_from if self.live_from > 0 else 1 << 62
-        last = after
-        store = shard.store
-        try:
-            while True:
-                # never ahead of the router: a row it has not routed yet will be
-                # held for this connection (or sent live after), not replayed
-                bound = min(before, store.routed_id + 1, self._first_held_ack())
-                page = await store.sync_page(self.uid, last, bound, page_size)
-                if self.state == CLOSING:
-                    return
-                for msg in page:
-                    self.send_msg(msg)
-                if page:
-                    last = page[-1].id
-                if self.writable is not None and not self.writable.done():
-                    # the transport paused us (pause_writing): let the client read,
-                    # also before going live (a paused transport would not pause
-                    # again, and a slow consumer would go unnoticed)
-                    await self.writable
-                    if self.state == CLOSING:
-                        return
-                if len(page) < page_size:
-                    break
-        except (sqlite3.Error, ValueError) as exc:
-            log.error("sync for user %d failed: %s", self.uid, exc)
-            self.send_error(ERR_SERVER, "sync failed, retry")
-            self._end_sync(last)
-            return
-        self._end_sync(last)
-        # the high-water mark: everything up to it is on the client now
-        self.send_msg(Message(cmd=CMD_SYNC, id=max(last, self.top)))
-
-    def _first_held_ack(self) -> int:
-        """The id of the first ack held during this replay (1 << 62 if none).
-
-        The replay stops below it: the client's own message is then not
-        replayed ahead of its ack, and everything after it goes out from the
-        held list, in order.
+        Reading goes on (and discards), so unread client frames never turn the
+        close into a reset that would discard what the client has not read.
         """
-        for msg in self.held or ():
-            if msg.cmd == CMD_ACK:
-                return msg.id
-        return 1 << 62
-
-    def _end_sync(self, last: int) -> None:
-        held, self.held = self.held or [], None
-        if self.state == CLOSING:
+        tr = self.tr
+        if tr.is_disconnected:
             return
-        self.state = LIVE
-        for msg in held:
-            if msg.id > last:
-                self.send_msg(msg)
-                last = msg.id
-                if not self.live_from:
-                    self.live_from = msg.id
-        if last > self.top:
-            self.top = last
+        self.closed_tick = self.shard.tick
+        tr.send_close(code, reason.encode())
+        underlying = tr.underlying_transport
+        if underlying.can_write_eof():
+            underlying.write_eof()
+        else:
+            tr.disconnect()
 
 
 class Shard:
-    """One process's websocket server, registry, router and store writer."""
+    """One process's websocket server, its sessions and its end of the log."""
 
-    def __init__(self, cfg: Config, store: Store, checker: TokenChecker) -> None:
+    def __init__(self, cfg: Config, reader: Store, checker: TokenChecker, index: int = 0) -> None:
         self.cfg = cfg
-        self.store = store
+        self.index = index
+        #: read-only use: sync pages (the log is the only writer)
+        self.reader = reader
         self.checker = checker
+        self.link: LogLink | None = None
         self.registry = Registry(cfg.max_conns)
-        self.router = Router(self.registry)
-        self.limiter = RateLimiter(cfg.rate_per_s, cfg.rate_burst) if cfg.rate_limit else None
+        self.fanout = Fanout(self.registry)
+        self.limits = Limits(
+            max_frame_bytes=cfg.max_frame_bytes,
+            rate_per_s=cfg.rate_per_s if cfg.rate_limit else 0.0,
+            rate_burst=cfg.rate_burst,
+            held_max=max(HELD_MIN, cfg.slow_consumer_bytes // 64),
+            waiting_max=WAITING_MAX,
+        )
         self.media_dir = cfg.data_path / "media"
         self.origins = frozenset(
             o if o == "*" else normalize_origin(o) for o in cfg.allowed_origins
         )
-        self.held_max = max(HELD_MIN, cfg.slow_consumer_bytes // 64)
         self._previews: cachetools.LRUCache[str, str] = cachetools.LRUCache(PREVIEW_CACHE_SIZE)
-        #: connections upgraded but not registered yet (their groups are loading)
-        self.loading: set[Conn] = set()
-        self._to_load: list[Conn] = []
-        #: loading connections whose set must be read again (a join or leave came)
-        self._reload_groups: set[Conn] = set()
-        self._load_wake: asyncio.Event | None = None
+        #: the highest id the log has routed (from its last batch to us)
+        self.hw = 0
+        #: users whose first connection waits for the log's Here / whom the log routes here
+        self.pending: set[int] = set()
+        self.present: set[int] = set()
+        #: our submissions without an answer: seq -> (session, message)
+        self._inflight: dict[int, tuple[Session, Message]] = {}
+        self._seq = 0
+        self._touched: list[Session] = []
         self.tick = 1
         self.draining = False
         self.port = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._answered: asyncio.Event | None = None
+        # figures
+        self.frames_in = 0
+        self.closes: dict[int, int] = {}
+        self.auth_failures = 0
 
     def spawn(self, coro: Any) -> None:
         """Run ``coro`` as a task that is kept alive and whose errors are logged."""
@@ -526,14 +318,18 @@ class Shard:
         if not task.cancelled() and task.exception() is not None:
             log.error("task failed", exc_info=task.exception())
 
-    async def start(self, sock: Any = None) -> None:
-        """Listen on the chat port (SO_REUSEPORT) and start the writer and sweep."""
+    async def start(self, link: LogLink, sock: Any = None, port: int | None = None) -> None:
+        """Listen on the chat port (SO_REUSEPORT) with ``link`` to the node's log."""
         cfg = self.cfg
-        self.store.start_writer(self.router.on_commit)
+        self.link = link
         kwargs: dict[str, Any] = (
             {"sock": sock}
             if sock is not None
-            else {"host": cfg.host, "port": cfg.chat_port, "reuse_port": True}
+            else {
+                "host": cfg.host,
+                "port": cfg.chat_port if port is None else port,
+                "reuse_port": True,
+            }
         )
         self._server = await ws_create_server(
             self.route,
@@ -548,7 +344,6 @@ class Shard:
         )
         self.port = self._server.sockets[0].getsockname()[1]
         self.spawn(self._sweep())
-        self.spawn(self._group_loader())
 
     def preview_of(self, url: str) -> str:
         """The preview url of an uploaded image ``url`` ("" if none).
@@ -563,51 +358,6 @@ class Shard:
             self._previews[url] = pic
         return pic
 
-    # --- group memberships of new connections ------------------------------------------
-
-    def load_groups(self, conn: Conn) -> None:
-        """Queue ``conn`` for the loader, which calls ``conn.on_groups`` later."""
-        self.loading.add(conn)
-        self._to_load.append(conn)
-        if self._load_wake is not None:
-            self._load_wake.set()
-
-    async def _group_loader(self) -> None:
-        """Load the groups of new connections, one query for all that queued.
-
-        A reconnect storm after a restart then costs one store round trip per
-        batch of users instead of one per connection.
-        """
-        self._load_wake = wake = asyncio.Event()
-        while True:
-            if not self._to_load:
-                wake.clear()
-                await wake.wait()
-            batch, self._to_load = (
-                self._to_load[:GROUP_LOAD_BATCH],
-                self._to_load[GROUP_LOAD_BATCH:],
-            )
-            try:
-                groups = await self.store.group_ids_of({c.uid for c in batch})
-            except Exception:  # the loader must outlive any one failure
-                log.exception("loading the groups of %d users failed", len(batch))
-                for conn in batch:
-                    self.loading.discard(conn)
-                    conn.close(CLOSE_SERVER_ERROR, "server error")
-                continue
-            for conn in batch:
-                self.loading.discard(conn)
-                try:
-                    conn.on_groups(groups.get(conn.uid, _NO_GROUPS))
-                except Exception:
-                    log.exception("registering a connection of user %d failed", conn.uid)
-                    conn.close(CLOSE_SERVER_ERROR, "server error")
-                    continue
-                if conn in self._reload_groups:
-                    self._reload_groups.discard(conn)
-                    if conn.state != CLOSING:
-                        self.load_groups(conn)
-
     # --- handshake ------------------------------------------------------------------
 
     def route(self, request: WSUpgradeRequest) -> Any:
@@ -616,12 +366,11 @@ class Shard:
         if path == b"/chat":
             return self._chat(request, query)
         if path == b"/healthz":
+            ready = self.link is not None and self.link.up
+            status = "draining" if self.draining else "ok" if ready else "unavailable"
             return _json_response(
-                200,
-                {
-                    "status": "draining" if self.draining else "ok",
-                    "connections": self.registry.count,
-                },
+                200 if status == "ok" else 503,
+                {"status": status, "connections": self.registry.count},
             )
         return _json_response(404, {"error": "not found"})
 
@@ -638,6 +387,7 @@ class Shard:
             uid = int(params["id"][0])
             token = params["token"][0]
         except (KeyError, ValueError, IndexError):
+            self.auth_failures += 1
             return _json_response(401, {"error": "id and token are required"})
         resume = -1
         if "last" in params:
@@ -648,45 +398,247 @@ class Shard:
             if not 0 <= resume < 1 << 63:
                 return _json_response(400, {"error": "last must be a message id (>= 0)"})
         try:
-            self.checker.check(token, uid)
+            _, version = self.checker.verify(token, uid)
         except (AuthError, ValueError) as exc:
+            self.auth_failures += 1
             log.debug("handshake refused for user %s: %s", uid, exc)
             return _json_response(401, {"error": str(exc)})
+        if uid in self.checker.banned:
+            return _json_response(403, {"error": "banned"})
         if self.draining:
             return _json_response(503, {"error": "server is shutting down"}, {"Retry-After": "1"})
         if self.registry.full:
             return _json_response(503, {"error": "shard is full"}, {"Retry-After": "1"})
         mend_upgrade_headers(request)
-        return Conn(self, uid, resume)
+        return Conn(self, uid, version, resume)
 
-    # --- control events --------------------------------------------------------------
+    # --- sessions: connect, frames, disconnect ---------------------------------------
 
-    def apply(self, event: Event) -> None:
-        """Apply a node-local control event to this shard's live connections."""
-        conns = list(self.registry.get(event.uid) or ())
-        loading = [c for c in self.loading if c.uid == event.uid]
-        if isinstance(event, GroupJoined | GroupLeft):
-            # their sets may be read before the change committed: read again
-            self._reload_groups.update(loading)
-        if isinstance(event, GroupJoined):
-            for conn in conns:
-                conn.groups = conn.groups | {event.gid}
-                self.registry.join(conn, event.gid)
-                # the group's messages committed between the join and this event
-                # did not go out live: a replay must not stop at live_from
-                conn.live_from = -1
-        elif isinstance(event, GroupLeft):
-            for conn in conns:
-                conn.groups = conn.groups - {event.gid}
-                self.registry.leave(conn, event.gid)
-        elif isinstance(event, TokensRevoked):
-            self.checker.revoke(event.uid, event.version)
-            for conn in conns + loading:
-                conn.close(CLOSE_REVOKED, "token revoked")
-        elif isinstance(event, UserBanned):
-            self.checker.revoke(event.uid, 1 << 62)
-            for conn in conns + loading:
-                conn.close(CLOSE_BANNED, "banned")
+    def connected(self, sess: Session) -> None:
+        """A new connection is upgraded: find its place in the node's order."""
+        uid = sess.uid
+        registry = self.registry
+        # counted from the upgrade on, so that handshakes arriving together
+        # cannot pass the cap together
+        registry.reserve()
+        others = registry.get(uid)
+        registry.add(sess)
+        if uid in self.present and others:
+            # the log routes this user here already: the stream takes over at
+            # our high-water, the store has everything up to it
+            self._place(sess, others[0].groups, self.hw)
+        elif uid not in self.pending:
+            self.pending.add(uid)
+            self.present.discard(uid)
+            if self.link is not None:
+                self.link.online(uid)
+
+    def _place(self, sess: Session, groups: frozenset[int], bound: int) -> None:
+        """Give ``sess`` its groups and bound (``Session.on_here``) and act on it."""
+        old = sess.groups
+        waiting, replay = sess.on_here(groups, bound)
+        registry = self.registry
+        for gid in old - groups:
+            registry.leave(sess, gid)
+        for gid in groups - old:
+            registry.join(sess, gid)
+        if replay:
+            self.spawn(self._replay(sess))
+        for msg in waiting:
+            self.handle(sess, msg)
+        self.flush(sess)
+
+    def handle(self, sess: Session, msg: Message) -> None:
+        """Act on one valid client frame."""
+        self.frames_in += 1
+        verdict = sess.accept(msg, self.hw)
+        if verdict is Verdict.SUBMIT:
+            if msg.media == MEDIA_IMAGE and not msg.pic:
+                # recipients download the small preview first, not the original
+                msg.pic = self.preview_of(msg.url)
+            link = self.link
+            self._seq += 1
+            seq = self._seq
+            if self.draining or link is None or not link.submit(seq, msg):
+                sess.refuse(ERR_BUSY, "server busy, retry later", msg.cid)
+                return
+            self._inflight[seq] = (sess, msg)
+            sess.submitted()
+        elif verdict is Verdict.REPLAY:
+            self.spawn(self._replay(sess))
+        elif verdict is Verdict.ENTER:
+            self.registry.join(sess, msg.dstid)
+        elif verdict is Verdict.LEAVE:
+            self.registry.leave(sess, msg.dstid)
+
+    def disconnected(self, sess: Session) -> None:
+        uid = sess.uid
+        sess.disconnected()
+        registry = self.registry
+        registry.remove(sess)
+        registry.release()
+        if registry.get(uid) is None and uid in self.present:
+            self.present.discard(uid)
+            if self.link is not None:
+                self.link.offline(uid)
+        # a pending user with nobody left: Offline follows its Here (on_here)
+
+    def close(self, sess: Session, code: int, reason: str) -> None:
+        """Start the closing handshake of ``sess`` (see ``Session.close``)."""
+        if sess.state is CLOSING or sess.state is CLOSED:
+            return
+        self.closes[code] = self.closes.get(code, 0) + 1
+        sess.conn.closed_tick = self.tick
+        sess.close(code, reason)
+        self.flush(sess)
+
+    def flush(self, sess: Session) -> None:
+        """Write what ``sess`` collected; then its close frame, if that is due."""
+        conn = sess.conn
+        data = sess.take_out()
+        if data is not None and not conn.tr.is_disconnected:
+            conn.write(data)
+        if sess.close_frame is not None:
+            code, reason = sess.close_frame
+            sess.close_frame = None
+            conn.send_close(code, reason)
+
+    async def _replay(self, sess: Session) -> None:
+        """Read the pages of ``sess``'s replay from the store until it is done."""
+        page_size = self.cfg.sync_page
+        conn = sess.conn
+        while sess.state is SYNCING:
+            after, before = sess.replay_window()
+            try:
+                page = await self.reader.sync_page(sess.uid, after, before, page_size)
+            except StoreError as exc:
+                log.error("sync for user %d failed: %s", sess.uid, exc)
+                sess.replay_failed()
+                self.flush(sess)
+                return
+            more = sess.on_page(page, page_size)
+            self.flush(sess)
+            if conn.writable is not None and not conn.writable.done():
+                # the transport paused us (pause_writing): let the client read,
+                # also before going live (a paused transport would not pause
+                # again, and a slow consumer would go unnoticed)
+                await conn.writable
+            if not more:
+                return
+
+    # --- the log's side -------------------------------------------------------------
+
+    def on_welcome(self, welcome: Welcome) -> None:
+        """The link to the log is (again) up: ask it to place every user we hold."""
+        self.hw = max(self.hw, welcome.hw)
+        checker = self.checker
+        for uid, version in welcome.versions.items():
+            checker.revoke(uid, version)
+        checker.banned = set(welcome.banned)
+        # sessions whose token was voided or whose user was banned meanwhile
+        for sess in list(self.registry):
+            if sess.uid in checker.banned:
+                self.close(sess, CLOSE_BANNED, "banned")
+            elif sess.conn.version < checker.versions.get(sess.uid, 0):
+                self.close(sess, CLOSE_REVOKED, "token revoked")
+        link = self.link
+        assert link is not None
+        users = {sess.uid for sess in self.registry} | self.pending
+        self.present.clear()
+        self.pending = set()
+        for uid in users:
+            if self.registry.get(uid) is not None:
+                self.pending.add(uid)
+                link.online(uid)
+
+    def on_lost(self) -> None:
+        """The link to the log broke: what it did not answer may or may not be
+        stored; the senders retry (same cid: stored once, acked again)."""
+        inflight, self._inflight = self._inflight, {}
+        for sess, msg in inflight.values():
+            sess.on_refused(ERR_BUSY, "server busy, retry", msg.cid)
+            self.flush(sess)
+        self._notify_answered()
+
+    def on_batch(self, items: list[AnyItem], hw: int) -> None:
+        """Items from the log, in the node's order: ack, deliver, place, change."""
+        touched = self._touched
+        slow: list[Session] = []
+        inflight = self._inflight
+        fanout = self.fanout
+        for item in items:
+            if isinstance(item, Deliver):
+                fanout.deliver(item.msg, None, touched, slow)
+            elif isinstance(item, Acked):
+                entry = inflight.pop(item.seq, None)
+                if entry is None:
+                    continue
+                sess, msg = entry
+                msg.id = item.id
+                msg.ts = item.ts
+                if not sess.on_acked(item.id, item.ts, msg.cid, item.stored):
+                    slow.append(sess)
+                touched.append(sess)
+                if item.stored:
+                    fanout.deliver(msg, sess, touched, slow)
+            elif isinstance(item, Refused):
+                refused = inflight.pop(item.seq, None)
+                if refused is not None:
+                    sess, msg = refused
+                    sess.on_refused(item.code, item.reason, msg.cid)
+                    touched.append(sess)
+            else:
+                self._apply(item)
+        self.hw = max(self.hw, hw)
+        self._touched = []
+        for sess in touched:
+            self.flush(sess)
+        for sess in slow:
+            self.close(sess, CLOSE_SLOW_CONSUMER, "slow consumer")
+        if self._answered is not None and not inflight:
+            self._notify_answered()
+
+    def _apply(self, item: AnyItem) -> None:
+        """A placement or a routing change, at its place in the order."""
+        if isinstance(item, Here):
+            self._on_here(item)
+            return
+        if isinstance(item, Acked | Refused | Deliver):
+            return  # handled by on_batch
+        sessions = list(self.registry.get(item.uid) or ())
+        if isinstance(item, Joined):
+            for sess in sessions:
+                sess.joined(item.gid)
+                self.registry.join(sess, item.gid)
+        elif isinstance(item, Left):
+            for sess in sessions:
+                sess.left(item.gid)
+                self.registry.leave(sess, item.gid)
+        elif isinstance(item, Revoked):
+            self.checker.revoke(item.uid, item.version)
+            for sess in sessions:
+                if sess.conn.version < item.version:
+                    self.close(sess, CLOSE_REVOKED, "token revoked")
+        elif isinstance(item, Banned):
+            self.checker.banned.add(item.uid)
+            for sess in sessions:
+                self.close(sess, CLOSE_BANNED, "banned")
+        elif isinstance(item, Unbanned):
+            self.checker.banned.discard(item.uid)
+
+    def _on_here(self, here: Here) -> None:
+        uid = here.uid
+        self.pending.discard(uid)
+        sessions = self.registry.get(uid)
+        if not sessions:
+            # everyone left while the log placed the user: tell it so now
+            if self.link is not None:
+                self.link.offline(uid)
+            return
+        self.present.add(uid)
+        groups = frozenset(here.groups)
+        for sess in list(sessions):
+            self._place(sess, groups, here.hw)
 
     # --- liveness -------------------------------------------------------------------
 
@@ -698,14 +650,16 @@ class Shard:
             self.tick += 1
             tick = self.tick
             for index in range(STRIPES):
-                for conn in registry.stripe(index):
-                    if conn.state == CLOSING:
+                for sess in registry.stripe(index):
+                    state = sess.state
+                    conn = sess.conn
+                    if state is CLOSING:
                         if tick - conn.closed_tick >= ABORT_CLOSING_AFTER_TICKS:
                             conn.tr.disconnect(False)
                         continue
-                    silent = tick - conn.tick
+                    silent = tick - sess.tick
                     if silent >= IDLE_AFTER_TICKS:
-                        conn.close(CLOSE_IDLE, "idle timeout")
+                        self.close(sess, CLOSE_IDLE, "idle timeout")
                     elif silent >= PING_AFTER_TICKS:
                         conn.tr.send_ping()
                 if index % 8 == 7:
@@ -713,33 +667,73 @@ class Shard:
 
     # --- shutdown -------------------------------------------------------------------
 
-    async def drain(self, timeout_s: float) -> None:
-        """Stop accepting, commit what is queued, close every client with 1001.
+    def _notify_answered(self) -> None:
+        if self._answered is not None:
+            self._answered.set()
+
+    async def _all_answered(self) -> None:
+        while self._inflight and self.link is not None and self.link.up:
+            self._answered = asyncio.Event()
+            await self._answered.wait()
+
+    async def drain(self, timeout_s: float, code: int = CLOSE_GOING_AWAY,
+                    reason: str = "server going away") -> None:
+        """Stop accepting, wait for the log's answers, close every client with ``code``.
 
         Bounded by ``timeout_s``: connections still open then are aborted.
         """
         self.draining = True
         if self._server is not None:
             self._server.close()
-        deadline = asyncio.get_running_loop().time() + timeout_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
         try:
-            await asyncio.wait_for(self.store.flush(), timeout_s * 0.8)
+            await asyncio.wait_for(self._all_answered(), timeout_s * 0.8)
         except TimeoutError:
-            log.error("drain: store did not flush %d queued messages in time", self.store.queued)
-        conns = [*self.registry, *self.loading]
-        for conn in conns:
-            conn.close(CLOSE_GOING_AWAY, "server going away")
-        waits = [c.tr.wait_disconnected() for c in conns]
-        remaining = max(0.1, deadline - asyncio.get_running_loop().time())
+            log.error("drain: %d messages were not answered in time", len(self._inflight))
+        sessions = list(self.registry)
+        for sess in sessions:
+            self.close(sess, code, reason)
+        waits = [s.conn.tr.wait_disconnected() for s in sessions]
+        remaining = max(0.1, deadline - loop.time())
         if waits:
             _, pending = await asyncio.wait(
                 [asyncio.ensure_future(w) for w in waits], timeout=remaining
             )
-            for conn in conns:
-                if not conn.tr.is_disconnected:
-                    conn.tr.disconnect(False)
+            for sess in sessions:
+                if not sess.conn.tr.is_disconnected:
+                    sess.conn.tr.disconnect(False)
             for fut in pending:
                 fut.cancel()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def answer(self, what: str, args: list[Any]) -> Any:
+        """An admin question from the supervisor (``chatd.admin``)."""
+        if what == "online":
+            return [
+                {
+                    "state": sess.state.value,
+                    "since": round(sess.conn.since, 3),
+                    "encoding": "msgpack" if sess.binary else "json",
+                }
+                for sess in self.registry.get(int(args[0])) or ()
+            ]
+        if what == "figures":
+            return self.figures()
+        return None
+
+    def figures(self) -> dict[str, Any]:
+        """What the shard reports (status, metrics)."""
+        return {
+            "connections": self.registry.count,
+            "users": self.registry.users,
+            "frames_in": self.frames_in,
+            "deliveries": self.fanout.delivered,
+            "closes": dict(self.closes),
+            "auth_failures": self.auth_failures,
+            "inflight": len(self._inflight),
+            "hw": self.hw,
+            "log_up": bool(self.link is not None and self.link.up),
+        }

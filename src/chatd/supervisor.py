@@ -1,20 +1,27 @@
 """The supervisor: ``chatd serve``'s main process.
 
-It prepares the node (data folder, secret, schema migration), reserves the chat
-port, starts the children — shard processes on the chat port (SO_REUSEPORT)
-and API workers on the api port — and then only supervises:
+It prepares the node (data folder, secret, schema migration), reserves the
+ports, starts the children — the log process (the node's one writer), the
+shard processes on the chat port (SO_REUSEPORT) and the API worker on the api
+port — and then only supervises:
 
+- each child has a watcher that waits on the child's sentinel (a file
+  descriptor the kernel makes readable when the process ends) with the event
+  loop's reader: no thread per child, so no number of children can starve it;
 - a child that dies is started again, with a backoff that doubles from 0.5 s
   to 10 s and resets once the child has run for 30 s;
-- control events from API workers are forwarded to every shard;
-- SIGTERM / SIGINT drain: the children are told to drain (queued messages
-  committed, clients closed with 1001) and the supervisor exits 0 once they
-  have, or kills what is left after ``drain_timeout_s`` + 5 s;
+- the admin socket (``chatd.admin``) lists, adds and retires shards at run
+  time and asks the children what they hold;
+- SIGTERM / SIGINT drain: the shards first (they stop accepting, wait for the
+  log's answers to what they submitted, close clients with 1001), then the API
+  worker, then the log (which commits what is queued); whatever is still
+  alive past ``drain_timeout_s`` + 5 s is killed;
+- SIGHUP re-reads and validates the configuration;
 - systemd hears READY=1 once every child is ready, and STATUS= lines.
 
-Signal handlers only set events; ``run`` does the work. Each child also
-drains on its own SIGTERM (systemd signals the whole control group) and when
-its pipe to the supervisor closes (the supervisor died).
+Signal handlers only set events or call a handler that does no I/O; ``run``
+does the work. The pipes to the children are read by the loop's reader and
+written with small messages only, so a stalled child cannot stall it.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from chatd.config import Config
 from chatd.control import Link
 from chatd.errors import ConfigError
 from chatd.notify import notify, watchdog_interval_s
-from chatd.store import Store
+from chatd.store import open_store
 
 log = logging.getLogger("chatd.supervisor")
 
@@ -46,17 +53,25 @@ BACKOFF_MIN_S: Final = 0.5
 BACKOFF_MAX_S: Final = 10.0
 HEALTHY_AFTER_S: Final = 30.0
 READY_TIMEOUT_S: Final = 30.0
+#: how long an admin question to a child may take
+ASK_TIMEOUT_S: Final = 5.0
 #: how often the API workers get fresh figures for /metrics (and systemd a STATUS)
 METRICS_PERIOD_S: Final = 2.0
+#: most shards one node runs
+MAX_SHARDS: Final = 1024
 
 ChildMain = Callable[[Config, int, Connection], None]
+
+LOG: Final = "log"
+SHARD: Final = "shard"
+API: Final = "api"
 
 
 @dataclass(eq=False)
 class Child:
     """One supervised process and its pipe."""
 
-    name: str
+    role: str
     main: ChildMain
     cfg: Config
     index: int
@@ -68,6 +83,13 @@ class Child:
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     restarts: int = 0
     status: dict[str, Any] = field(default_factory=dict)
+    #: retired (admin drain / scale down): not restarted, removed once gone
+    retired: bool = False
+    watcher: asyncio.Task[None] | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.role}-{self.index}"
 
 
 class Supervisor:
@@ -78,17 +100,22 @@ class Supervisor:
         cfg: Config,
         api_main: ChildMain | None,
         shard_main: ChildMain,
+        log_main: ChildMain,
         reload: Callable[[], Config] | None = None,
     ) -> None:
         self.cfg = cfg
         self._reload = reload
         self._ctx = multiprocessing.get_context("spawn")
-        self._shard_main = shard_main
-        self._api_main = api_main
+        self._mains = {SHARD: shard_main, LOG: log_main}
+        if api_main is not None:
+            self._mains[API] = api_main
         self.children: list[Child] = []
         self.draining = False
         self._stop = asyncio.Event()
         self._reserved: list[socket.socket] = []
+        self._child_cfg = cfg
+        self._asks: dict[int, asyncio.Future[Any]] = {}
+        self._ask_seq = 0
 
     # --- preparation ----------------------------------------------------------------
 
@@ -101,10 +128,12 @@ class Supervisor:
         cfg = self.cfg
         cfg.data_path.mkdir(parents=True, exist_ok=True)
         auth.load_or_create_secret(cfg.data_path)
-        store = await Store.open(cfg.db_path, synchronous=cfg.db_synchronous)
+        store = await open_store(cfg.db_path, synchronous=cfg.db_synchronous)
         await store.close()
+        cfg.run_path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        cfg.run_path.chmod(0o700)
         chat_port = self._reserve(cfg.host, cfg.chat_port)
-        api_port = self._reserve(cfg.host, cfg.api_port) if self._api_main else 0
+        api_port = self._reserve(cfg.host, cfg.api_port) if API in self._mains else 0
         return replace(cfg, chat_port=chat_port, api_port=api_port)
 
     def _reserve(self, host: str, port: int) -> int:
@@ -136,6 +165,13 @@ class Supervisor:
 
     # --- children ---------------------------------------------------------------
 
+    def _new_child(self, role: str, index: int) -> Child:
+        child = Child(role, self._mains[role], self._child_cfg, index)
+        self.children.append(child)
+        self._spawn(child)
+        child.watcher = asyncio.get_running_loop().create_task(self._watch(child))
+        return child
+
     def _spawn(self, child: Child) -> None:
         parent_end, child_end = self._ctx.Pipe()
         proc = self._ctx.Process(
@@ -161,27 +197,47 @@ class Supervisor:
             child.ready.set()
         elif verb == "status":
             child.status = payload
-        elif verb == "event":
-            for other in self.children:
-                if other.name.startswith("shard") and other.link is not None:
-                    other.link.send("event", payload)
+        elif verb == "answer":
+            req, value = payload
+            future = self._asks.pop(req, None)
+            if future is not None and not future.done():
+                future.set_result(value)
         else:
             log.warning("%s sent unknown message %r", child.name, verb)
 
-    async def _watch(self, child: Child) -> None:
-        """Restart ``child`` whenever it exits, until the node drains.
-
-        The only place that waits for (reaps) the child's process: two waiters
-        on one pid race, and the loser may see a dead child as alive.
-        """
+    async def _exited(self, proc: BaseProcess) -> None:
+        """Wait until ``proc`` ends (its sentinel becomes readable), then reap it."""
         loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        sentinel = proc.sentinel
+
+        def readable() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        loop.add_reader(sentinel, readable)
+        try:
+            await done
+        finally:
+            loop.remove_reader(sentinel)
+        proc.join()  # it has ended: this only reaps it
+
+    async def _watch(self, child: Child) -> None:
+        """Restart ``child`` whenever it exits, until the node drains or it retires.
+
+        The only place that reaps the child's process: two waiters on one pid
+        race, and the loser may see a dead child as alive.
+        """
         while True:
             assert child.proc is not None
-            await loop.run_in_executor(None, child.proc.join)
+            await self._exited(child.proc)
             child.exited.set()
             if child.link is not None:
                 child.link.close()
-            if self.draining:
+            if self.draining or child.retired:
+                if child.retired and child in self.children:
+                    self.children.remove(child)
+                    log.info("%s retired (status %s)", child.name, child.proc.exitcode)
                 return
             ran_s = time.monotonic() - child.started_at
             if ran_s > HEALTHY_AFTER_S:
@@ -198,46 +254,120 @@ class Supervisor:
                 return  # draining started during the backoff
             except TimeoutError:
                 pass
+            if child.retired:
+                self.children.remove(child)
+                return
             child.backoff_s = min(BACKOFF_MAX_S, child.backoff_s * 2)
             child.restarts += 1
             child.status = {}
             self._spawn(child)
 
+    def of_role(self, role: str) -> list[Child]:
+        return [c for c in self.children if c.role == role]
+
+    # --- dynamic capacity (the admin socket) ------------------------------------------
+
+    def shards(self) -> list[Child]:
+        """The shards that serve (not retiring), by index."""
+        return sorted((c for c in self.of_role(SHARD) if not c.retired), key=lambda c: c.index)
+
+    async def add_shard(self) -> Child:
+        """Start one more shard on the chat port; returns once it is ready."""
+        used = {c.index for c in self.of_role(SHARD)}
+        index = next(i for i in range(MAX_SHARDS + 1) if i not in used)
+        child = self._new_child(SHARD, index)
+        await asyncio.wait_for(child.ready.wait(), READY_TIMEOUT_S)
+        return child
+
+    async def retire_shard(self, index: int, wait: bool = True) -> bool:
+        """Drain shard ``index`` (its clients get 1012 and reconnect to the others);
+        False if there is no such shard or it is the last one."""
+        serving = self.shards()
+        child = next((c for c in serving if c.index == index), None)
+        if child is None or len(serving) <= 1:
+            return False
+        child.retired = True
+        if child.link is not None:
+            child.link.send("retire")
+        if wait:
+            await self._wait_exit(child, self._child_cfg.drain_timeout_s + 5)
+        return True
+
+    async def scale(self, n: int) -> list[int]:
+        """Run ``n`` shards: start or retire (highest index first); the indexes after."""
+        if not 1 <= n <= MAX_SHARDS:
+            raise ValueError(f"a node runs 1 to {MAX_SHARDS} shards")
+        while len(self.shards()) < n:
+            await self.add_shard()
+        extra = self.shards()[n:]
+        for child in extra:
+            await self.retire_shard(child.index, wait=False)
+        for child in extra:
+            await self._wait_exit(child, self._child_cfg.drain_timeout_s + 5)
+        return [c.index for c in self.shards()]
+
+    async def ask(self, child: Child, what: str, *args: Any) -> Any:
+        """Ask a child a question over its pipe (``Shard.answer``); None if it cannot say."""
+        if child.link is None or child.link.closed:
+            return None
+        self._ask_seq += 1
+        req = self._ask_seq
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._asks[req] = future
+        if not child.link.send("ask", (req, what, list(args))):
+            self._asks.pop(req, None)
+            return None
+        try:
+            return await asyncio.wait_for(future, ASK_TIMEOUT_S)
+        except TimeoutError:
+            self._asks.pop(req, None)
+            return None
+
+    async def _wait_exit(self, child: Child, timeout_s: float) -> None:
+        try:
+            await asyncio.wait_for(child.exited.wait(), timeout_s)
+        except TimeoutError:
+            log.error("%s did not drain in time; killing it", child.name)
+            if child.proc is not None:
+                child.proc.kill()
+            await child.exited.wait()
+
     # --- main -------------------------------------------------------------------
 
     async def run(self) -> int:
         """Run the node until SIGTERM/SIGINT; the process exit status."""
+        from chatd.admin import AdminServer
+
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self.handle_hup)
-        cfg = await self.prepare()
-        self.children = [Child("shard-0", self._shard_main, cfg, 0)]
-        if self._api_main is not None:
-            self.children.append(Child("api-0", self._api_main, cfg, 0))
-        for child in self.children:
-            self._spawn(child)
-        watchers = [loop.create_task(self._watch(c)) for c in self.children]
-        ready = loop.create_task(self._all_ready())
-        stopped = loop.create_task(self._stop.wait())
-        await asyncio.wait(
-            {ready, stopped}, timeout=READY_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
-        )
-        stopped.cancel()
-        if not ready.done():
-            ready.cancel()
+        cfg = self._child_cfg = await self.prepare()
+        admin = AdminServer(self, cfg.run_path / "admin.sock")
+        await admin.start()
+        # the log first: the shards and the API worker connect to it
+        self._new_child(LOG, 0)
+        started = await self._until_ready(self.of_role(LOG))
+        if started:
+            for index in range(cfg.shard_count):
+                self._new_child(SHARD, index)
+            if API in self._mains:
+                self._new_child(API, 0)
+            started = await self._until_ready(self.children)
+        if not started:
             asked_to_stop = self._stop.is_set()
             if not asked_to_stop:
                 log.error("children not ready after %d s; stopping", READY_TIMEOUT_S)
             await self._drain()
-            await asyncio.gather(*watchers, return_exceptions=True)
+            await admin.close()
             return 0 if asked_to_stop else 1
-        api = f" api_port={cfg.api_port}" if self._api_main else ""
+        api = f" api_port={cfg.api_port}" if API in self._mains else ""
         log.info(
-            "listening on %s port=%d%s (ws://%s:%d/chat)",
+            "listening on %s port=%d%s shards=%d (ws://%s:%d/chat)",
             cfg.host,
             cfg.chat_port,
             api,
+            len(self.shards()),
             cfg.host,
             cfg.chat_port,
         )
@@ -246,14 +376,28 @@ class Supervisor:
         await self._stop.wait()
         status.cancel()
         notify("STOPPING=1")
+        await admin.close()
         await self._drain()
-        for w in watchers:
-            w.cancel()
-        await asyncio.gather(*watchers, return_exceptions=True)
         for sock in self._reserved:
             sock.close()
         log.info("stopped")
         return 0
+
+    async def _until_ready(self, children: list[Child]) -> bool:
+        """Wait for ``children`` to be ready; False if stopped or timed out first."""
+        ready: asyncio.Future[Any] = asyncio.ensure_future(
+            asyncio.gather(*(c.ready.wait() for c in children))
+        )
+        stopped: asyncio.Future[Any] = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait(
+            {ready, stopped}, timeout=READY_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
+        )
+        stopped.cancel()
+        if ready.done() and not self._stop.is_set():
+            return True
+        ready.cancel()
+        await asyncio.gather(ready, return_exceptions=True)
+        return False
 
     def handle_hup(self) -> None:
         """SIGHUP (``systemctl reload``): re-read and validate the configuration.
@@ -287,32 +431,30 @@ class Supervisor:
         else:
             log.info("reload: configuration valid")
 
-    async def _all_ready(self) -> None:
-        for child in self.children:
-            await child.ready.wait()
-
     async def _drain(self) -> None:
-        """Tell every child to drain; kill those still alive past the bound."""
+        """Drain the shards, then the API worker, then the log; kill what
+        outlives the bound."""
         self.draining = True
         self._stop.set()
-        for child in self.children:
-            if child.link is not None:
-                child.link.send("drain")
-        deadline = asyncio.get_running_loop().time() + self.cfg.drain_timeout_s + 5
-        for child in self.children:
-            if child.proc is None:
-                continue
-            remaining = max(0.1, deadline - asyncio.get_running_loop().time())
-            try:
-                await asyncio.wait_for(child.exited.wait(), remaining)
-            except TimeoutError:
-                log.error("%s did not drain in time; killing it", child.name)
-                child.proc.kill()
-                await child.exited.wait()
+        deadline = asyncio.get_running_loop().time() + self._child_cfg.drain_timeout_s + 5
+        for role in (SHARD, API, LOG):
+            group = self.of_role(role)
+            for child in group:
+                if child.link is not None:
+                    child.link.send("drain")
+            for child in group:
+                if child.proc is None:
+                    continue
+                remaining = max(0.1, deadline - asyncio.get_running_loop().time())
+                await self._wait_exit(child, remaining)
+        watchers = [c.watcher for c in self.children if c.watcher is not None]
+        for w in watchers:
+            w.cancel()
+        await asyncio.gather(*watchers, return_exceptions=True)
 
     def snapshot(self) -> dict[str, Any]:
-        """The node's figures for ``metrics.render``: each child's own report
-        and what the kernel says of its process."""
+        """The node's figures for ``metrics``: each child's own report and what
+        the kernel says of its process."""
         children = []
         for child in self.children:
             entry: dict[str, Any] = {
@@ -340,13 +482,17 @@ class Supervisor:
         period = min(watchdog, METRICS_PERIOD_S) if watchdog else METRICS_PERIOD_S
         while True:
             snapshot = self.snapshot()
-            for child in self.children:
-                if child.name.startswith("api") and child.link is not None:
+            for child in self.of_role(API):
+                if child.link is not None:
                     child.link.send("metrics", snapshot)
-            conns = sum(int(c.status.get("connections", 0)) for c in self.children)
-            messages = sum(int(c.status.get("committed", 0)) for c in self.children)
+            shards = self.of_role(SHARD)
+            conns = sum(int(c.status.get("connections", 0)) for c in shards)
+            logs = self.of_role(LOG)
+            messages = sum(int(c.status.get("committed", 0)) for c in logs)
+            log_up = all(bool(c.status.get("log_up", True)) for c in shards)
             notify(
-                f"STATUS={conns} connections, {messages} messages"
+                f"STATUS={conns} connections on {len(self.shards())} shards, {messages} messages"
+                + ("" if log_up else ", log unreachable")
                 + ("\nWATCHDOG=1" if watchdog else "")
             )
             await asyncio.sleep(period)

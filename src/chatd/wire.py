@@ -13,6 +13,7 @@ that answers it. See docs/protocol.md for the whole contract.
 
 from __future__ import annotations
 
+import struct
 from typing import Annotated, Final
 
 import msgspec
@@ -66,6 +67,7 @@ CLOSE_GOING_AWAY: Final = 1001
 CLOSE_PROTOCOL_ERROR: Final = 1002
 CLOSE_TOO_BIG: Final = 1009
 CLOSE_SERVER_ERROR: Final = 1011
+CLOSE_SERVICE_RESTART: Final = 1012
 CLOSE_TRY_AGAIN: Final = 1013
 CLOSE_IDLE: Final = 4000
 CLOSE_RATE_LIMITED: Final = 4008
@@ -185,3 +187,36 @@ def validate(msg: Message) -> None:
 def error_frame(err: FrameError) -> Message:
     """The cmd-5 frame that tells a client what was wrong with its frame."""
     return Message(cmd=CMD_ERROR, amount=err.code, memo=err.reason[:MAX_MEMO_CHARS], cid=err.cid)
+
+
+# --- websocket framing of what the server sends (RFC 6455 §5.2) -------------
+
+OP_TEXT: Final = 0x1
+OP_BINARY: Final = 0x2
+_pack_16 = struct.Struct("!BBH").pack
+_pack_64 = struct.Struct("!BBQ").pack
+#: the 2-byte headers of short frames, built once (most chat frames are short)
+_SHORT_HEADERS: Final = {
+    op: [bytes((0x80 | op, n)) for n in range(126)] for op in (OP_TEXT, OP_BINARY)
+}
+
+
+def ws_frame(opcode: int, payload: bytes) -> bytes:
+    """One final, unmasked server-to-client websocket frame.
+
+    chatd frames its own output so that everything one commit produces for a
+    connection goes out in one write (see ``chatd.fanout``).
+    """
+    n = len(payload)
+    if n < 126:
+        return _SHORT_HEADERS[opcode][n] + payload
+    if n < 65536:
+        return _pack_16(0x80 | opcode, 126, n) + payload
+    return _pack_64(0x80 | opcode, 127, n) + payload
+
+
+def framed(msg: Message, binary: bool) -> bytes:
+    """``msg`` encoded (MessagePack if ``binary``, else JSON) and framed."""
+    if binary:
+        return ws_frame(OP_BINARY, encode_msgpack(msg))
+    return ws_frame(OP_TEXT, encode_json(msg))

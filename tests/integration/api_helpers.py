@@ -1,6 +1,6 @@
 """Fixtures and helpers for the HTTP API tests: the API app served on
 127.0.0.1 port 0 next to a real shard (the ``node`` fixture), with
-``publish`` wired straight to the shard, and an aiohttp client.
+its routing changes going to the node's log, and an aiohttp client.
 
 Import the fixtures into a test module with
 ``from api_helpers import api, api_factory  # noqa: F401``.
@@ -19,20 +19,18 @@ from conftest import UNIT, Node
 from PIL import Image
 
 from chatd.api import make_app
-from chatd.control import Event
-from chatd.store import Store
+from chatd.store import Store, open_store
 
 
 class Api:
     """A running API app and a client for it."""
 
-    def __init__(self, node: Node, store: Store, session: aiohttp.ClientSession, port: int,
-                 events: list[Event]) -> None:
+    def __init__(self, node: Node, store: Store, session: aiohttp.ClientSession,
+                 port: int) -> None:
         self.node = node
         self.store = store
         self.session = session
         self.port = port
-        self.events = events
         self.base = f"http://127.0.0.1:{port}"
         self._mobiles = 0
 
@@ -67,22 +65,17 @@ class Api:
         return uid, self.node.token(uid)
 
 
-async def start_api(node: Node, **kwargs: Any) -> tuple[web.AppRunner, Store, int, list[Event]]:
-    # the API has its own Store (its own SQLite connections), as an API worker does
-    store = await Store.open(node.cfg.db_path)
-    events: list[Event] = []
-
-    async def publish(event: Event) -> None:
-        events.append(event)
-        node.shard.apply(event)
-
-    app = make_app(node.cfg, store, node.secret, publish, **kwargs)
+async def start_api(node: Node, **kwargs: Any) -> tuple[web.AppRunner, Store, int]:
+    # the API has its own Store (its own SQLite connections), as an API worker
+    # does; routing changes go to the node's log
+    store = await open_store(node.cfg.db_path)
+    app = make_app(node.cfg, store, node.secret, node.log, **kwargs)
     runner = web.AppRunner(app, shutdown_timeout=2 * UNIT)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = runner.addresses[0][1]
-    return runner, store, port, events
+    return runner, store, port
 
 
 @pytest.fixture
@@ -90,10 +83,10 @@ async def api_factory(node: Node) -> AsyncIterator[Callable[..., Awaitable[Api]]
     started: list[tuple[web.AppRunner, Store, aiohttp.ClientSession]] = []
 
     async def start(**kwargs: Any) -> Api:
-        runner, store, port, events = await start_api(node, **kwargs)
+        runner, store, port = await start_api(node, **kwargs)
         session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20 * UNIT))
         started.append((runner, store, session))
-        return Api(node, store, session, port, events)
+        return Api(node, store, session, port)
 
     yield start
     for runner, store, session in started:

@@ -7,8 +7,6 @@ import api_helpers
 from api_helpers import Api
 from conftest import connect, http_request, send_acked
 
-from chatd.control import TokensRevoked
-
 # the API fixtures (api_helpers)
 api = api_helpers.api
 api_factory = api_helpers.api_factory
@@ -39,7 +37,7 @@ async def test_join_and_quit_reach_a_connected_client(api: Api) -> None:
     [marker] = await send_acked(sender, bob, 1, prefix="dm")
     got = await listener.recv()
     assert (got["cmd"], got["id"]) == (10, marker["id"])
-    listener.assert_silent()
+    await listener.assert_quiet()
     sender.tr.disconnect()
     listener.tr.disconnect()
 
@@ -66,7 +64,6 @@ async def test_revoke_closes_live_connections_and_voids_the_token(api: Api) -> N
     await api.ok("/user/revoke", data={"userid": uid, "token": token})
     assert await client.wait_closed() == 4501
     assert await second.wait_closed() == 4501
-    assert api.events == [TokensRevoked(uid=uid, version=1)]
     status, _, _ = await http_request(api.node.port, _handshake(uid, token))
     assert status == 401
     # a new login gives a token that the shard accepts

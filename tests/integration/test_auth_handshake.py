@@ -110,7 +110,8 @@ async def test_revoked_token_is_401_and_a_newer_one_works(node: Node) -> None:
     old = node.token(uid, version=0)
     client = await connect(node.url(uid, old))  # valid before the revocation
     await sync_all(client)
-    node.shard.checker.revoke(uid, 1)
+    assert await node.log.revoke_tokens(uid) == 1
+    assert await client.wait_closed() == 4501
     status, _ = await refused_status(node.url(uid, old))
     assert status == 401
     fresh = await connect(node.url(uid, node.token(uid, version=1)))
@@ -125,16 +126,15 @@ async def test_token_version_bump_in_the_database_is_loaded_at_start(node: Node)
     db.commit()
     db.close()
     # a second node on the same data (as after a restart) loads the versions
-    store, shard = await open_node(make_config(node.cfg.data_path))
+    embedded = await open_node(make_config(node.cfg.data_path))
     try:
-        again = Node(node.cfg, store, shard)
+        again = Node(node.cfg, embedded)
         status, _ = await refused_status(again.url(uid, old))
         assert status == 401
         client = await connect(again.url(uid, new))
         await sync_all(client)
     finally:
-        await shard.drain(2 * UNIT)
-        await store.close()
+        await embedded.close(2 * UNIT)
 
 
 async def test_connection_cap_answers_503_with_retry_after(node_factory) -> None:

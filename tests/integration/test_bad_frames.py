@@ -74,7 +74,7 @@ async def test_bad_frame_gets_an_error_frame_and_the_connection_stays_open(
     assert err["memo"]
     if cid is not None:
         assert err.get("cid", "") == cid
-    a.assert_silent()
+    await a.assert_quiet()
     # the connection still works: a good frame is acked (in the latest encoding)
     good = {"cmd": 10, "dstid": bob, "media": 1, "content": "after", "cid": "good"}
     a.tr.send(kind, mp(good) if kind is BINARY else js(good))

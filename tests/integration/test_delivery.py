@@ -61,7 +61,7 @@ async def test_every_device_gets_a_copy_including_the_senders_other_devices(node
         got = await device.recv()
         assert got["id"] == ack["id"] and got["content"] == "reply"
     for device in (a1, a2, b1, b2, b3):
-        device.assert_silent()
+        await device.assert_quiet()
 
 
 async def test_message_to_self_reaches_other_devices_only(node: Node) -> None:
@@ -70,7 +70,7 @@ async def test_message_to_self_reaches_other_devices_only(node: Node) -> None:
     (ack,) = await send_acked(a1, alice, 1)
     got = await a2.recv()
     assert got["id"] == ack["id"] and got["dstid"] == alice
-    a1.assert_silent()
+    await a1.assert_quiet()
 
 
 async def test_group_message_reaches_every_member_device(node: Node) -> None:
@@ -90,7 +90,7 @@ async def test_group_message_reaches_every_member_device(node: Node) -> None:
     # the outsider learns nothing (a later private message is the next frame)
     (marker,) = await send_acked(b1, dave, 1, prefix="marker")
     assert (await d.recv())["id"] == marker["id"]
-    a1.assert_silent()
+    await a1.assert_quiet()
 
 
 async def test_group_message_from_a_non_member_is_403(node: Node) -> None:

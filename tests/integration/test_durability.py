@@ -22,11 +22,11 @@ from conftest import (
 from websockets.asyncio.client import connect as ws_connect
 
 from chatd import auth
-from chatd.store import Store
+from chatd.store import open_store
 
 
 async def make_users(data_dir: Path, n: int) -> list[int]:
-    store = await Store.open(data_dir / "chatd.db")
+    store = await open_store(data_dir / "chatd.db")
     try:
         return [await store.create_user(f"1370000{i:04d}", TEST_PASSWORD_HASH) for i in range(n)]
     finally:

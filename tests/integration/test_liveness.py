@@ -7,7 +7,7 @@ import asyncio
 
 from conftest import UNIT, Client, Node, connect, send_acked, sync_all
 
-from chatd.router import CLOSING
+from chatd.protocol import CLOSING
 
 IDLE_S = 0.5
 

@@ -35,7 +35,7 @@ async def test_metrics_count_connections_and_messages(tmp_path: Path) -> None:
             async def until_counted() -> str:
                 while True:  # figures are pushed every 2 s
                     text = await scrape(session)
-                    if re.search(r'^chatd_messages_stored_total\{child="shard-0"\} 1$', text,
+                    if re.search(r'^chatd_messages_stored_total\{child="log-0"\} 1$', text,
                                  re.M):
                         return text
                     await asyncio.sleep(0.2)

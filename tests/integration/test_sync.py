@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import pytest
-from conftest import Client, Node, connect, group_send_until_received, send_acked, sync_all
+from conftest import UNIT, Client, Node, connect, send_acked, sync_all
 from picows import WSHandshakeError
 
 
@@ -35,7 +35,7 @@ async def test_offline_user_gets_what_it_missed_in_pages(node_factory) -> None:
     assert [f["cid"] for f in frames] == [ack["cid"] for ack in acks]
     assert [f["ts"] for f in frames] == [ack["ts"] for ack in acks]
     assert end == {"cmd": 4, "id": acks[-1]["id"]}
-    b.assert_silent()
+    await b.assert_quiet()
 
 
 async def test_sync_from_a_known_id_sends_only_newer(node_factory) -> None:
@@ -102,7 +102,7 @@ async def test_no_duplicates_when_live_messages_arrive_during_a_sync(node_factor
     # the high-water mark covers every message delivered before it
     seen = ids(f for f in got[: got.index(end)] if f["cmd"] == 10)
     assert end["id"] == max(seen)
-    b.assert_silent()
+    await b.assert_quiet()
 
 
 async def test_no_duplicates_around_a_sync_after_live_messages(node_factory) -> None:
@@ -119,7 +119,7 @@ async def test_no_duplicates_around_a_sync_after_live_messages(node_factory) -> 
     assert ids(frames) == ids(before)  # what came live is not replayed
     (after,) = await send_acked(a, bob, 1, prefix="after")
     assert (await b.recv())["id"] == after["id"]
-    b.assert_silent()
+    await b.assert_quiet()
 
 
 async def test_high_water_mark_covers_what_came_live_before_the_sync(node_factory) -> None:
@@ -256,11 +256,12 @@ async def test_reconnecting_with_last_under_load_loses_and_repeats_nothing(node_
     assert seen == list(range(total))
 
 
-async def test_a_replay_never_runs_ahead_of_the_router(node_factory) -> None:
-    """A row that is committed but not yet routed (the writer's commit returned
-    in the sqlite thread, on_commit has not run yet) must not be replayed: the
-    router is about to deliver it, and it would arrive twice. Such a row is made
-    here the way another writer would: straight into the database file."""
+async def test_a_replay_never_runs_ahead_of_the_stream(node_factory) -> None:
+    """A replay reads the store only up to the id where the shard's stream from
+    the log takes over (the log's high-water when the user was placed): a row
+    above it is the stream's to deliver, or it would arrive twice. Such a row
+    is made here the way a commit the log has not routed yet looks: straight
+    into the database file."""
     import sqlite3
 
     node = await node_factory()
@@ -272,17 +273,20 @@ async def test_a_replay_never_runs_ahead_of_the_router(node_factory) -> None:
             "INSERT INTO messages (userid, cmd, dstid, media, content, ts) "
             "VALUES (?, 10, ?, 1, 'not routed yet', 0)", (alice, bob))
         unrouted = cur.lastrowid
-    assert unrouted is not None and node.store.routed_id < unrouted
+    assert unrouted is not None and node.log.hw < unrouted
     b = await connect(node.url(bob) + "&last=0")
     frames, high = await _frames_until_sync_answer(b)
     assert [f["cid"] for f in frames if f.get("cmd") == 10] == ["r0", "r1", "r2"]
     assert high == routed[-1]["id"]
-    # once the router is past it, a replay includes it
-    node.store.routed_id = unrouted
+    # once the log has routed past it, a replay includes it
+    [later] = await send_acked(a, bob, 1, prefix="later")
+    assert later["id"] > unrouted
+    assert (await b.recv())["id"] == later["id"]
     c = await connect(node.url(bob) + f"&last={high}")
     frames, high = await _frames_until_sync_answer(c)
-    assert [f["content"] for f in frames if f.get("cmd") == 10] == ["not routed yet"]
-    assert high == unrouted
+    assert [f["content"] for f in frames if f.get("cmd") == 10] == [
+        "not routed yet", "later body 0"]
+    assert high == later["id"]
 
 
 async def test_a_replay_that_stalls_while_live_traffic_piles_up_is_closed_4009(
@@ -300,7 +304,7 @@ async def test_a_replay_that_stalls_while_live_traffic_piles_up_is_closed_4009(
     await a.recv_until(lambda f: f.get("cid") == "backlog999", timeout=30)
     b = await connect(node.url(bob) + "&last=0")
     b.tr.underlying_transport.pause_reading()
-    for i in range(node.shard.held_max + 200):
+    for i in range(node.shard.limits.held_max + 200):
         a.send(cmd=11, dstid=gid, media=1, content="g", cid=f"g{i}")
         if i % 500 == 0:
             b.send(cmd=0)  # still alive: the idle sweep is not what closes it
@@ -308,30 +312,59 @@ async def test_a_replay_that_stalls_while_live_traffic_piles_up_is_closed_4009(
     assert await b.wait_closed(20) == 4009
 
 
-async def test_a_join_then_a_message_before_the_event_is_not_lost_to_a_sync(
+async def test_a_join_and_messages_right_after_it_reach_the_member_in_order(
         node_factory) -> None:
-    """The API commits a join, a group message commits before the control event
-    reaches the shard: a later sync must still replay it on that connection."""
-    from chatd.control import GroupJoined
-
+    """A join through the log followed at once by a group message and a private
+    message: the member gets both live, in id order, and a resume from its
+    highest id misses nothing (the window the foundation had: a group message
+    committed between the join and its event was never sent, and the client's
+    highest id then skipped it for good)."""
     node = await node_factory()
     alice, bob = await node.user(), await node.user()
     gid = await node.group(alice)
     a = await connect(node.url(alice))
     b = await connect(node.url(bob))
-    await send_acked(a, bob, 1, prefix="p")
-    first = await b.recv_until(lambda f: f.get("cmd") == 10)  # live: live_from is set
-    await node.store.join_group(gid, bob)
-    [group_ack] = await send_acked(a, gid, 1, cmd=11, prefix="g")
-    node.shard.apply(GroupJoined(uid=bob, gid=gid))
-    frames, _ = await sync_all(b, after=first["id"])
-    assert group_ack["id"] in ids(frames)
+    assert await node.log.join_group(gid, bob)
+    a.send(cmd=11, dstid=gid, media=1, content="right after", cid="g")
+    a.send(cmd=10, dstid=bob, media=1, content="and a dm", cid="p")
+    first, second = await b.recv(), await b.recv()
+    assert (first["cmd"], first["cid"], second["cmd"], second["cid"]) == (11, "g", 10, "p")
+    assert first["id"] < second["id"]
+    c = await connect(node.url(bob) + f"&last={second['id']}")
+    frames, high = await _frames_until_sync_answer(c)
+    assert frames == [] and high == second["id"]
 
 
-async def test_a_revocation_reaches_a_connection_whose_groups_are_still_loading(
+async def test_a_join_racing_group_messages_cuts_them_at_its_place_in_the_order(
+        node_factory) -> None:
+    """Group messages sent while the join is in flight: the member gets exactly
+    those committed after the join (live, in order), none before it, and a sync
+    from 0 agrees."""
+    node = await node_factory(rate_limit=False)
+    alice, bob = await node.user(), await node.user()
+    gid = await node.group(alice)
+    a = await connect(node.url(alice))
+    b = await connect(node.url(bob))
+    join = asyncio.ensure_future(node.log.join_group(gid, bob))
+    acks = await send_acked(a, gid, 200, cmd=11, prefix="race")
+    assert await join
+    joined_id = await node.store.joined_id(gid, bob)
+    assert joined_id is not None
+    after = [ack["id"] for ack in acks if ack["id"] > joined_id]
+    live = [(await b.recv())["id"] for _ in after]
+    assert live == after
+    # and nothing more: a marker sent after everything arrives next
+    [marker] = await send_acked(a, bob, 1, prefix="marker")
+    assert (await b.recv())["id"] == marker["id"]
+    c = await connect(node.url(bob) + "&last=0")
+    frames, _ = await _frames_until_sync_answer(c)
+    assert [f["id"] for f in frames] == [*after, marker["id"]]
+
+
+async def test_a_revocation_reaches_a_connection_not_placed_yet(
         node_factory, monkeypatch: pytest.MonkeyPatch) -> None:
-    from chatd.control import TokensRevoked
-
+    """The log is still reading the groups of a new connection when a
+    revocation comes: it is placed first, then the revocation closes it."""
     node = await node_factory()
     alice = await node.user()
     release = asyncio.Event()
@@ -343,37 +376,44 @@ async def test_a_revocation_reaches_a_connection_whose_groups_are_still_loading(
 
     monkeypatch.setattr(node.store, "group_ids_of", held_back)
     a = await connect(node.url(alice), settle=False)
-    assert [c.uid for c in node.shard.loading] == [alice]
-    node.shard.apply(TokensRevoked(uid=alice, version=1))
+    await _until(lambda: alice in node.shard.pending and node.log.busy)
+    revoke = asyncio.ensure_future(node.log.revoke_tokens(alice))
     release.set()
+    assert await revoke == 1
     assert await a.wait_closed() == 4501
 
 
-async def test_a_join_while_the_groups_are_loading_is_not_lost(
+async def test_a_join_while_the_groups_are_read_is_not_lost(
         node_factory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The group set is read, then the API commits a join and its event comes
-    before that (stale) set is applied: the connection reads its groups again
-    and gets the group's messages live."""
-    from chatd.control import GroupJoined
-
+    """The log reads a new connection's groups, and a join commits before that
+    read is answered: the join is placed after the answer, so the connection
+    gets the group's messages live."""
     node = await node_factory()
     alice, bob = await node.user(), await node.user()
     gid = await node.group(bob)
     release = asyncio.Event()
     load = node.store.group_ids_of
 
-    async def read_then_wait(uids: Any) -> Any:  # the real query, applied late
+    async def read_then_wait(uids: Any) -> Any:  # the real query, answered late
         result = await load(uids)
         await release.wait()
         return result
 
     monkeypatch.setattr(node.store, "group_ids_of", read_then_wait)
     a = await connect(node.url(alice), settle=False)
-    assert [c.uid for c in node.shard.loading] == [alice]
-    await node.store.join_group(gid, alice)
-    node.shard.apply(GroupJoined(uid=alice, gid=gid))
+    await _until(lambda: alice in node.shard.pending and node.log.busy)
+    join = asyncio.ensure_future(node.log.join_group(gid, alice))
     release.set()
+    assert await join
     b = await connect(node.url(bob))
+    [ack] = await send_acked(b, gid, 1, cmd=11, prefix="after-join")
+    got = await a.recv()
+    assert (got["id"], got["dstid"], got["userid"]) == (ack["id"], gid, bob)
 
-    got = await group_send_until_received(b, a, gid)
-    assert got["dstid"] == gid and got["userid"] == bob
+
+async def _until(pred: Any, timeout: float = 5.0) -> None:
+    """Wait (with a deadline) for a state of the node that has no event of its own."""
+    async def go() -> None:
+        while not pred():
+            await asyncio.sleep(0.001)
+    await asyncio.wait_for(go(), timeout * UNIT)

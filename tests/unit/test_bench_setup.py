@@ -19,7 +19,7 @@ from chatd_bench.setup import (
 )
 
 from chatd import auth
-from chatd.store import Store
+from chatd.store import open_store
 
 
 def _quiet(_: str) -> None:
@@ -35,7 +35,7 @@ def test_prepare_makes_users_groups_and_valid_tokens(tmp_path: Path) -> None:
     gids = users.groups["2x6"]
 
     async def members() -> list[frozenset[int]]:
-        store = await Store.open(tmp_path / "chatd.db")
+        store = await open_store(tmp_path / "chatd.db")
         try:
             return [await store.user_groups(uid) for uid in users.uids]
         finally:

@@ -1,51 +1,27 @@
-"""The store: schema, accounts, group commit outcomes, sync pages."""
+"""The SQLite store: schema, accounts, one batch per transaction, sync pages."""
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from conftest import TEST_PASSWORD_HASH, UNIT
+from conftest import TEST_PASSWORD_HASH
 
-from chatd.errors import NotFoundError, StoreError
-from chatd.store import DUPLICATE, MIGRATIONS, NO_RECEIVER, STORED, Store
+from chatd.errors import NotFoundError, StoreError, StoreUnavailable
+from chatd.store import DUPLICATE, NO_RECEIVER, STORED
+from chatd.store.sqlite import MIGRATIONS, SqliteStore
 from chatd.wire import Message
 
-
-class Committed:
-    """Collects what the writer reports, one entry per message."""
-
-    def __init__(self) -> None:
-        self.outcomes: asyncio.Queue[tuple[Message, Any, int]] = asyncio.Queue()
-        self.batches: list[int] = []
-
-    def __call__(self, outcomes: list[tuple[Message, Any, int]]) -> None:
-        self.batches.append(len(outcomes))
-        for item in outcomes:
-            self.outcomes.put_nowait(item)
-
-    async def take(self, n: int) -> list[tuple[Message, Any, int]]:
-        async def go() -> list[tuple[Message, Any, int]]:
-            return [await self.outcomes.get() for _ in range(n)]
-        return await asyncio.wait_for(go(), 5 * UNIT)
+Store = SqliteStore
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = await Store.open(tmp_path / "chatd.db")
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    s = await SqliteStore.open(tmp_path / "chatd.db")
     yield s
     await s.close()
-
-
-@pytest.fixture
-async def committed(store: Store) -> Committed:
-    c = Committed()
-    store.start_writer(c)
-    return c
 
 
 async def users(store: Store, n: int) -> list[int]:
@@ -61,7 +37,7 @@ def gm(src: int, gid: int, content: str = "x", cid: str = "") -> Message:
 
 
 async def test_open_creates_the_schema_in_wal_mode(tmp_path: Path) -> None:
-    s = await Store.open(tmp_path / "sub" / "chatd.db")
+    s = await SqliteStore.open(tmp_path / "sub" / "chatd.db")
     await s.close()
     db = sqlite3.connect(tmp_path / "sub" / "chatd.db")
     try:
@@ -75,21 +51,21 @@ async def test_open_creates_the_schema_in_wal_mode(tmp_path: Path) -> None:
 
 async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "chatd.db"
-    await (await Store.open(path)).close()
+    await (await SqliteStore.open(path)).close()
     db = sqlite3.connect(path)
     db.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
     db.commit()
     db.close()
     with pytest.raises(StoreError):
-        await Store.open(path)
+        await SqliteStore.open(path)
 
 
 async def test_reopen_keeps_data_and_does_not_migrate_again(tmp_path: Path) -> None:
     path = tmp_path / "chatd.db"
-    s = await Store.open(path)
+    s = await SqliteStore.open(path)
     uid = await s.create_user("1", TEST_PASSWORD_HASH)
     await s.close()
-    s = await Store.open(path)
+    s = await SqliteStore.open(path)
     try:
         assert await s.token_version(uid) == 0
     finally:
@@ -124,102 +100,116 @@ async def test_groups_and_membership(store: Store) -> None:
     assert await store.create_group("g3", b) > gid
 
 
-async def test_group_commit_assigns_increasing_ids_and_ts(store: Store,
-                                                         committed: Committed) -> None:
+async def test_a_batch_gets_increasing_ids_and_one_ts(store: Store) -> None:
     a, b = await users(store, 2)
     msgs = [pm(a, b, f"m{i}", f"c{i}") for i in range(20)]
-    for i, m in enumerate(msgs):
-        assert store.submit(m, i)
-    out = await committed.take(20)
-    assert [ctx for _, ctx, _ in out] == list(range(20))
-    assert all(status == STORED for _, _, status in out)
-    ids = [m.id for m, _, _ in out]
+    assert await store.append(msgs) == [STORED] * 20
+    ids = [m.id for m in msgs]
     assert ids == sorted(ids) and len(set(ids)) == 20 and ids[0] > 0
-    assert all(m.ts > 0 for m, _, _ in out)
+    assert len({m.ts for m in msgs}) == 1 and msgs[0].ts > 0
     stored = await store.get_messages(ids)
     assert [m.content for m in stored] == [f"m{i}" for i in range(20)]
     assert store.committed == 20
+    more = [pm(b, a, "next")]
+    await store.append(more)
+    assert more[0].id == ids[-1] + 1
 
 
-async def test_private_message_to_nobody_is_not_stored(store: Store,
-                                                       committed: Committed) -> None:
+async def test_private_message_to_nobody_is_not_stored(store: Store) -> None:
     (a,) = await users(store, 1)
-    store.submit(pm(a, 4242, cid="x"), None)
-    ((msg, _, status),) = await committed.take(1)
-    assert status == NO_RECEIVER and msg.id == 0
+    msg = pm(a, 4242, cid="x")
+    assert await store.append([msg]) == [NO_RECEIVER]
+    assert msg.id == 0
     assert await store.max_message_id() == 0
 
 
-async def test_same_cid_is_stored_once_across_batches(store: Store,
-                                                      committed: Committed) -> None:
+async def test_same_cid_is_stored_once_across_batches(store: Store) -> None:
     a, b = await users(store, 2)
-    store.submit(pm(a, b, "first", "dup"), 1)
-    ((first, _, s1),) = await committed.take(1)
-    store.submit(pm(a, b, "retry", "dup"), 2)
-    ((again, _, s2),) = await committed.take(1)
-    assert (s1, s2) == (STORED, DUPLICATE)
+    first, again = pm(a, b, "first", "dup"), pm(a, b, "retry", "dup")
+    assert await store.append([first]) == [STORED]
+    assert await store.append([again]) == [DUPLICATE]
     assert (again.id, again.ts) == (first.id, first.ts)
     assert [m.content for m in await store.sync_page(b, 0, 1 << 62, 100)] == ["first"]
 
 
-async def test_same_cid_is_stored_once_within_a_batch(store: Store,
-                                                      committed: Committed) -> None:
+async def test_same_cid_is_stored_once_within_a_batch(store: Store) -> None:
     a, b = await users(store, 2)
-    for i in range(3):
-        store.submit(pm(a, b, f"try{i}", "dup"), i)  # queued together: one batch
-    out = await committed.take(3)
-    assert [s for _, _, s in out] == [STORED, DUPLICATE, DUPLICATE]
-    assert len({m.id for m, _, _ in out}) == 1
+    batch = [pm(a, b, f"try{i}", "dup") for i in range(3)]
+    assert await store.append(batch) == [STORED, DUPLICATE, DUPLICATE]
+    assert len({m.id for m in batch}) == 1
     assert len(await store.sync_page(b, 0, 1 << 62, 100)) == 1
 
 
-async def test_same_cid_from_another_user_is_another_message(store: Store,
-                                                             committed: Committed) -> None:
+async def test_a_retry_in_a_batch_with_new_messages(store: Store) -> None:
+    """The unique index refuses the batch; it is written again with the look-up."""
     a, b = await users(store, 2)
-    store.submit(pm(a, b, cid="same"), None)
-    store.submit(pm(b, a, cid="same"), None)
-    out = await committed.take(2)
-    assert [s for _, _, s in out] == [STORED, STORED]
+    old = pm(a, b, "old", "k")
+    await store.append([old])
+    batch = [pm(a, b, "new1", "n1"), pm(a, b, "old again", "k"), pm(a, b, "new2", "n2")]
+    assert await store.append(batch) == [STORED, DUPLICATE, STORED]
+    assert batch[1].id == old.id
+    assert [m.content for m in await store.sync_page(b, 0, 1 << 62, 100)] == [
+        "old", "new1", "new2"]
 
 
-async def test_empty_cid_never_dedupes(store: Store, committed: Committed) -> None:
+async def test_same_cid_from_another_user_is_another_message(store: Store) -> None:
     a, b = await users(store, 2)
-    store.submit(pm(a, b), None)
-    store.submit(pm(a, b), None)
-    out = await committed.take(2)
-    assert [s for _, _, s in out] == [STORED, STORED]
+    assert await store.append([pm(a, b, cid="same"), pm(b, a, cid="same")]) == [STORED, STORED]
 
 
-async def test_a_full_queue_refuses(tmp_path: Path) -> None:
-    s = await Store.open(tmp_path / "chatd.db", queue_max=2)
+async def test_empty_cid_never_dedupes(store: Store) -> None:
+    a, b = await users(store, 2)
+    assert await store.append([pm(a, b), pm(a, b)]) == [STORED, STORED]
+
+
+async def test_sqlite_errors_come_out_as_store_errors(store: Store, tmp_path: Path) -> None:
+    """A database locked by another writer: StoreUnavailable (retry), nothing stored."""
+    a, b = await users(store, 2)
+    await store._w.execute("PRAGMA busy_timeout=50")
+    other = sqlite3.connect(tmp_path / "chatd.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
     try:
-        assert s.submit(pm(1, 2), None) and s.submit(pm(1, 2), None)
-        assert not s.submit(pm(1, 2), None)
+        msg = pm(a, b, "blocked")
+        with pytest.raises(StoreUnavailable):
+            await store.append([msg])
+        assert msg.id == 0
     finally:
-        await s.close()
+        other.execute("ROLLBACK")
+        other.close()
+    assert await store.append([pm(a, b, "after")]) == [STORED]
 
 
-async def test_close_commits_what_is_queued(tmp_path: Path) -> None:
-    path = tmp_path / "chatd.db"
-    s = await Store.open(path)
-    a = await s.create_user("1", TEST_PASSWORD_HASH)
-    b = await s.create_user("2", TEST_PASSWORD_HASH)
-    c = Committed()
-    s.start_writer(c)
-    for i in range(50):
-        s.submit(pm(a, b, f"q{i}"), None)
-    await s.close()
-    assert sum(c.batches) == 50
-    s = await Store.open(path)
+async def test_a_read_only_store_reads_and_refuses_writes(store: Store, tmp_path: Path) -> None:
+    a, b = await users(store, 2)
+    await store.append([pm(a, b, "hello")])
+    reader = await SqliteStore.open(tmp_path / "chatd.db", writable=False)
     try:
-        page = await s.sync_page(b, 0, 1 << 62, 100)
-        assert [m.content for m in page] == [f"q{i}" for i in range(50)]
+        assert [m.content for m in await reader.sync_page(b, 0, 1 << 62, 10)] == ["hello"]
+        with pytest.raises(StoreError):
+            await reader.append([pm(a, b, "no")])
     finally:
-        await s.close()
+        await reader.close()
+    with pytest.raises(StoreError):
+        await SqliteStore.open(tmp_path / "absent.db", writable=False)
 
 
-async def test_sync_page_is_only_the_users_conversations(store: Store,
-                                                         committed: Committed) -> None:
+async def test_ban_and_leave(store: Store) -> None:
+    a, b = await users(store, 2)
+    assert await store.set_banned(b, True) is True
+    assert await store.set_banned(b, True) is False
+    assert await store.banned_users() == [b]
+    assert await store.set_banned(b, False) is True
+    assert await store.banned_users() == []
+    with pytest.raises(NotFoundError):
+        await store.set_banned(9999, True)
+    gid = await store.create_group("g", a)
+    await store.join_group(gid, b)
+    assert await store.leave_group(gid, b) is True
+    assert await store.leave_group(gid, b) is False
+    assert await store.user_groups(b) == frozenset()
+
+
+async def test_sync_page_is_only_the_users_conversations(store: Store) -> None:
     a, b, c, d = await users(store, 4)
     g_ab = await store.create_group("ab", a)
     await store.join_group(g_ab, b)
@@ -229,23 +219,20 @@ async def test_sync_page_is_only_the_users_conversations(store: Store,
     sent = [pm(a, b, "a>b"), pm(b, a, "b>a"), pm(c, d, "c>d"), pm(d, c, "d>c"),
             gm(a, g_ab, "ab1"), gm(c, g_cd, "cd1"), gm(c, g_late, "before-join"),
             pm(b, b, "note to self")]
-    for m in sent:
-        store.submit(m, None)
-    await committed.take(len(sent))
+    await store.append(sent)
     await store.join_group(g_late, b)
-    store.submit(gm(c, g_late, "after-join"), None)
-    await committed.take(1)
+    await store.append([gm(c, g_late, "after-join")])
     page = await store.sync_page(b, 0, 1 << 62, 100)
     assert [m.content for m in page] == ["a>b", "b>a", "ab1", "note to self", "after-join"]
     ids = [m.id for m in page]
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
 
 
-async def test_sync_page_bounds_and_limit(store: Store, committed: Committed) -> None:
+async def test_sync_page_bounds_and_limit(store: Store) -> None:
     a, b = await users(store, 2)
-    for i in range(10):
-        store.submit(pm(a, b, f"m{i}"), None)
-    ids = [m.id for m, _, _ in await committed.take(10)]
+    msgs = [pm(a, b, f"m{i}") for i in range(10)]
+    await store.append(msgs)
+    ids = [m.id for m in msgs]
     first = await store.sync_page(b, 0, 1 << 62, 3)
     assert [m.id for m in first] == ids[:3]
     after = await store.sync_page(b, ids[2], 1 << 62, 3)
@@ -255,14 +242,13 @@ async def test_sync_page_bounds_and_limit(store: Store, committed: Committed) ->
     assert await store.sync_page(b, ids[-1], 1 << 62, 100) == []
 
 
-async def test_stored_fields_come_back_intact(store: Store, committed: Committed) -> None:
+async def test_stored_fields_come_back_intact(store: Store) -> None:
     a, b = await users(store, 2)
     sent = Message(userid=a, cmd=10, dstid=b, media=2, content="标题 🎉", pic="/p.png",
                    url="https://x/y", memo="memo", amount=-5, cid="c-1")
-    store.submit(sent, None)
-    ((msg, _, _),) = await committed.take(1)
+    await store.append([sent])
     (got,) = await store.sync_page(b, 0, 1 << 62, 10)
-    assert got == msg and got.content == "标题 🎉" and got.amount == -5
+    assert got == sent and got.content == "标题 🎉" and got.amount == -5
 
 
 async def test_token_versions_lists_only_revokers(store: Store, tmp_path: Path) -> None:

@@ -1,17 +1,21 @@
-"""The store: one SQLite file in WAL mode, reached through aiosqlite.
+"""The SQLite store: one file in WAL mode, reached through aiosqlite.
 
-Two connections per process: a writer, which owns the group-commit queue for
-messages and the account/contact writes, and a reader for sync, history and
-look-ups (WAL lets it read while the writer commits).
+Two connections per process: a writer for ``append`` (one transaction per
+batch of messages) and the routing changes and account writes, and a reader
+for sync, history and look-ups (WAL lets it read while the writer commits).
+A process that only reads (a shard replaying sync pages) opens it with
+``writable=False``.
 
-Group commit: ``submit`` queues a message without awaiting; one writer task
-takes whatever queued while the previous commit ran (up to ``batch_max``) and
-writes it in one ``BEGIN IMMEDIATE`` transaction. Ids are assigned inside that
-transaction from the table's max id, so ``id`` is the commit order, also when
-several processes share the file. ``(userid, cid)`` is unique: a retried frame
-gets the stored row's id back instead of a second row. Only once the commit
-returns is ``on_commit`` called with the outcome of each message, so nothing
-is acked or delivered before it is durable.
+``append`` assigns ids inside its ``BEGIN IMMEDIATE`` transaction from the
+table's max id, so ``id`` is the commit order, also when several processes
+share the file. ``(userid, cid)`` is unique: a retried frame gets the stored
+row's id back instead of a second row. The node's log (``chatd.log``) is the
+only caller of ``append`` and of the routing changes; it decides what is
+acked and delivered, after the commit returns.
+
+SQLite's own errors never leave this module: they become ``StoreError``
+(``StoreUnavailable`` when the database is busy, locked, full or gone, so
+the caller answers "retry").
 
 Schema changes are numbered migrations applied in order at open
 (``PRAGMA user_version`` holds the number applied).
@@ -20,17 +24,20 @@ Schema changes are numbered migrations applied in order at open
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, ParamSpec, TypeVar
 
 import aiosqlite
 import cachetools
 
-from chatd.errors import NotFoundError, StoreError
+from chatd.errors import NotFoundError, StoreError, StoreUnavailable
+from chatd.store import DUPLICATE, NO_RECEIVER, STORED
 from chatd.wire import CMD_GROUP, CMD_PRIVATE, Message
 
 log = logging.getLogger("chatd.store")
@@ -97,12 +104,6 @@ MIGRATIONS: Final[tuple[str, ...]] = (
 WRITER_CACHE_KIB: Final = 65_536
 WAL_CHECKPOINT_PAGES: Final = 10_000
 
-#: outcome of a submitted message, passed to ``on_commit``
-STORED: Final = 0  # new row; deliver it
-DUPLICATE: Final = 1  # same (userid, cid) was stored before; ack again, do not deliver
-NO_RECEIVER: Final = 2  # private message to a user that does not exist
-FAILED: Final = 3  # the transaction failed; nothing stored
-
 _MSG_COLUMNS: Final = "id, userid, cmd, dstid, media, content, pic, url, memo, amount, cid, ts"
 _INSERT_MESSAGE: Final = f"INSERT INTO messages ({_MSG_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
 _SYNC_SQL: Final = f"""
@@ -122,9 +123,32 @@ _SYNC_SQL: Final = f"""
 """
 
 _NO_GROUPS: Final[frozenset[int]] = frozenset()
+#: SQLite result codes that mean "try again later", not "this is wrong"
+_TRANSIENT: Final = frozenset(
+    {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR,
+     sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY}
+)
 
-Submitted = tuple[Message, Any]  # the message and whatever the caller needs back
-OnCommit = Callable[[list[tuple[Message, Any, int]]], None]
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def _translated(fn: Callable[_P, Awaitable[_T]]) -> Callable[_P, Awaitable[_T]]:
+    """Turn SQLite's errors into the store's (``StoreUnavailable`` / ``StoreError``)."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            return await fn(*args, **kwargs)
+        except sqlite3.Error as exc:
+            code = getattr(exc, "sqlite_errorcode", None)
+            if code is not None and code & 0xFF in _TRANSIENT:
+                raise StoreUnavailable(str(exc)) from exc
+            raise StoreError(str(exc)) from exc
+        except ValueError as exc:  # e.g. an operation on a closed connection
+            raise StoreUnavailable(str(exc)) from exc
+
+    return wrapper
 
 
 def _now_ms() -> int:
@@ -149,145 +173,78 @@ def row_to_message(row: Sequence[Any]) -> Message:
     )
 
 
-class Store:
-    """The node's database. Open with ``await Store.open(...)``."""
+class SqliteStore:
+    """The node's database in one SQLite file. Open with ``await SqliteStore.open(...)``."""
 
-    def __init__(
-        self,
-        writer: aiosqlite.Connection,
-        reader: aiosqlite.Connection,
-        batch_max: int,
-        queue_max: int,
-    ) -> None:
-        self._w = writer
+    def __init__(self, writer: aiosqlite.Connection | None, reader: aiosqlite.Connection) -> None:
+        self._writer = writer
         self._r = reader
-        self.batch_max = batch_max
-        self.queue_max = queue_max
-        self._queue: list[Submitted] = []
-        self._wake: asyncio.Future[None] | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._on_commit: OnCommit | None = None
         self._known_users: cachetools.LRUCache[int, bool] = cachetools.LRUCache(200_000)
-        self._busy = False
-        self._flushed: asyncio.Future[None] | None = None
-        #: the highest message id that ``on_commit`` has been given: a replay
-        #: must not run ahead of it (a row committed but not yet routed will
-        #: still be delivered live, and would then arrive twice)
-        self.routed_id = 0
         self.batches = 0
         self.committed = 0
+
+    @property
+    def _w(self) -> aiosqlite.Connection:
+        if self._writer is None:
+            raise StoreError("this store was opened read-only")
+        return self._writer
 
     # --- opening and closing ------------------------------------------------
 
     @classmethod
     async def open(
-        cls,
-        path: Path,
-        *,
-        synchronous: str = "NORMAL",
-        batch_max: int = 2048,
-        queue_max: int = 100_000,
-    ) -> Store:
-        """Open (creating if needed) the database at ``path`` and migrate it."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        writer = await aiosqlite.connect(path, isolation_level=None)
+        cls, path: Path, *, synchronous: str = "NORMAL", writable: bool = True
+    ) -> SqliteStore:
+        """Open the database at ``path``; a writable open creates and migrates it."""
+        writer = None
+        if writable:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            writer = await aiosqlite.connect(path, isolation_level=None)
+            try:
+                await writer.execute("PRAGMA journal_mode=WAL")
+                await writer.execute(f"PRAGMA synchronous={synchronous.upper()}")
+                await writer.execute("PRAGMA busy_timeout=10000")
+                await writer.execute("PRAGMA foreign_keys=ON")
+                # a bigger page cache keeps the hot index pages in memory, and a
+                # longer WAL between checkpoints writes each hot page back once per
+                # checkpoint instead of once per 1000 pages of log
+                await writer.execute(f"PRAGMA cache_size=-{WRITER_CACHE_KIB}")
+                await writer.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
+                await _migrate(writer)
+            except BaseException:
+                await writer.close()
+                raise
+        elif not path.exists():
+            raise StoreError(f"no database at {path}")
         try:
-            await writer.execute("PRAGMA journal_mode=WAL")
-            await writer.execute(f"PRAGMA synchronous={synchronous.upper()}")
-            await writer.execute("PRAGMA busy_timeout=10000")
-            await writer.execute("PRAGMA foreign_keys=ON")
-            # a bigger page cache keeps the hot index pages in memory, and a
-            # longer WAL between checkpoints writes each hot page back once per
-            # checkpoint instead of once per 1000 pages of log
-            await writer.execute(f"PRAGMA cache_size=-{WRITER_CACHE_KIB}")
-            await writer.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
-            await _migrate(writer)
             reader = await aiosqlite.connect(path, isolation_level=None)
+            await reader.execute("PRAGMA busy_timeout=10000")
+            await reader.execute("PRAGMA query_only=ON")
         except BaseException:
-            await writer.close()
+            if writer is not None:
+                await writer.close()
             raise
-        await reader.execute("PRAGMA busy_timeout=10000")
-        await reader.execute("PRAGMA query_only=ON")
-        store = cls(writer, reader, batch_max, queue_max)
-        # what was stored before this process started is routed by definition
-        store.routed_id = await store.max_message_id()
-        return store
+        return cls(writer, reader)
 
     async def close(self) -> None:
-        """Stop the writer (after committing what is queued) and close."""
-        if self._task is not None:
-            await self.flush()
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
         await self._r.close()
-        await self._w.close()
+        if self._writer is not None:
+            await self._writer.close()
 
-    # --- group-commit writer ------------------------------------------------
+    # --- messages -------------------------------------------------------------
 
-    def start_writer(self, on_commit: OnCommit) -> None:
-        """Start the writer task; ``on_commit`` gets each batch's outcomes."""
-        self._on_commit = on_commit
-        self._task = asyncio.get_running_loop().create_task(self._writer(), name="store-writer")
+    async def append(self, batch: Sequence[Message]) -> list[int]:
+        """Store ``batch`` in one transaction; the outcome of each message.
 
-    @property
-    def queued(self) -> int:
-        return len(self._queue)
+        Stored messages get their ``id`` (the commit order) and ``ts``; a retry
+        of a stored ``(userid, cid)`` gets the original's. Raises
+        ``StoreUnavailable``/``StoreError`` if nothing was stored.
+        """
+        outcomes = await self._write_batch(batch)
+        self.batches += 1
+        return outcomes
 
-    def submit(self, msg: Message, ctx: Any) -> bool:
-        """Queue ``msg`` for the next commit; False if the queue is full."""
-        queue = self._queue
-        if len(queue) >= self.queue_max:
-            return False
-        queue.append((msg, ctx))
-        wake = self._wake
-        if wake is not None and not wake.done():
-            wake.set_result(None)
-        return True
-
-    async def flush(self) -> None:
-        """Wait until everything queued so far is committed (or failed)."""
-        while self._task is not None and (self._queue or self._busy):
-            if self._flushed is None or self._flushed.done():
-                self._flushed = asyncio.get_running_loop().create_future()
-            await self._flushed
-
-    async def _writer(self) -> None:
-        loop = asyncio.get_running_loop()
-        on_commit = self._on_commit
-        assert on_commit is not None
-        while True:
-            if not self._queue:
-                flushed = self._flushed
-                if flushed is not None and not flushed.done():
-                    flushed.set_result(None)
-                self._wake = loop.create_future()
-                await self._wake
-                self._wake = None
-            batch = self._queue[: self.batch_max]
-            del self._queue[: self.batch_max]
-            self._busy = True
-            try:
-                outcomes = await self._write_batch(batch)
-            except (sqlite3.Error, ValueError) as exc:
-                log.error("batch of %d failed: %s", len(batch), exc)
-                outcomes = [(m, ctx, FAILED) for m, ctx in batch]
-            except Exception:
-                # our bug: fail this batch loudly, but keep the writer alive
-                log.exception("batch of %d failed", len(batch))
-                outcomes = [(m, ctx, FAILED) for m, ctx in batch]
-            finally:
-                self._busy = False
-            self.batches += 1
-            for msg, _, status in outcomes:
-                if status == STORED and msg.id > self.routed_id:
-                    self.routed_id = msg.id
-            try:
-                on_commit(outcomes)
-            except Exception:
-                log.exception("delivering a committed batch failed")
-
-    async def _write_batch(self, batch: list[Submitted]) -> list[tuple[Message, Any, int]]:
+    async def _write_batch(self, batch: Sequence[Message]) -> list[int]:
         """Store ``batch`` in one transaction; the outcome of each message.
 
         Retries (a ``cid`` already stored) are rare, so the batch is first
@@ -300,16 +257,14 @@ class Store:
         except sqlite3.IntegrityError:
             return await self._write_batch_once(batch, look_up_cids=True)
 
-    async def _write_batch_once(
-        self, batch: list[Submitted], look_up_cids: bool
-    ) -> list[tuple[Message, Any, int]]:
+    async def _write_batch_once(self, batch: Sequence[Message], look_up_cids: bool) -> list[int]:
         db = self._w
         # what the batch needs to know from the table: its max id, rows already
         # stored under the same (userid, cid), and which private receivers exist
         cids: dict[tuple[int, str], int] = {}
         unknown_dst: set[int] = set()
         known = self._known_users
-        for i, (msg, _) in enumerate(batch):
+        for i, msg in enumerate(batch):
             if msg.cid:
                 cids.setdefault((msg.userid, msg.cid), i)
             if msg.cmd == CMD_PRIVATE and msg.dstid not in known:
@@ -348,21 +303,21 @@ class Store:
                     known[a] = True
             ts = _now_ms()
             rows: list[tuple[Any, ...]] = []
-            outcomes: list[tuple[Message, Any, int]] = []
-            for i, (msg, ctx) in enumerate(batch):
+            outcomes: list[int] = []
+            for i, msg in enumerate(batch):
                 if msg.cid:
                     key = (msg.userid, msg.cid)
                     prior = stored.get(key)
                     if prior is None and cids[key] != i:
                         # same cid twice in this batch: the first one is the original
-                        first = batch[cids[key]][0]
+                        first = batch[cids[key]]
                         prior = (first.id, first.ts) if first.id else None
                     if prior is not None:
                         msg.id, msg.ts = prior
-                        outcomes.append((msg, ctx, DUPLICATE))
+                        outcomes.append(DUPLICATE)
                         continue
                 if msg.cmd == CMD_PRIVATE and msg.dstid not in known:
-                    outcomes.append((msg, ctx, NO_RECEIVER))
+                    outcomes.append(NO_RECEIVER)
                     continue
                 max_id += 1
                 msg.id = max_id
@@ -383,12 +338,12 @@ class Store:
                         ts,
                     )
                 )
-                outcomes.append((msg, ctx, STORED))
+                outcomes.append(STORED)
             if rows:
                 await db.executemany(_INSERT_MESSAGE, rows)
             await db.execute("COMMIT")
         except BaseException:
-            for msg, _ in batch:
+            for msg in batch:
                 msg.id = msg.ts = 0
             if db.in_transaction:
                 await db.execute("ROLLBACK")
@@ -602,6 +557,28 @@ class Store:
         async with self._write_lock():
             return await self.join_group(gid, uid)
 
+    async def leave_group(self, gid: int, uid: int) -> bool:
+        """Remove ``uid`` from ``gid``; False if it was not a member."""
+        cur = await self._w.execute("DELETE FROM members WHERE gid = ? AND uid = ?", (gid, uid))
+        return cur.rowcount > 0
+
+    async def set_banned(self, uid: int, banned: bool) -> bool:
+        """Ban or unban ``uid``; False if it already was; ``NotFoundError`` if no such user."""
+        db = self._w
+        async with db.execute("SELECT banned FROM users WHERE id = ?", (uid,)) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            raise NotFoundError(f"no user {uid}")
+        if bool(row[0]) == banned:
+            return False
+        await db.execute("UPDATE users SET banned = ? WHERE id = ?", (int(banned), uid))
+        return True
+
+    async def banned_users(self) -> list[int]:
+        """The ids of every banned user."""
+        rows = await self._r.execute_fetchall("SELECT id FROM users WHERE banned != 0")
+        return [int(r[0]) for r in rows]
+
     async def remove_member(self, gid: int, uid: int) -> bool:
         """Remove ``uid`` from ``gid``; False if it was not a member."""
         async with self._write_lock():
@@ -730,3 +707,9 @@ _USER_COLUMNS: Final = (
 _USER_COLUMNS_U: Final = ", ".join("u." + c.strip() for c in _USER_COLUMNS.split(","))
 _GROUP_COLUMNS: Final = "id, name, ownerid, icon, cate, memo, created_ms"
 _GROUP_COLUMNS_C: Final = ", ".join("c." + c.strip() for c in _GROUP_COLUMNS.split(","))
+
+
+# every public coroutine speaks the store's errors, never SQLite's
+for _name, _fn in list(vars(SqliteStore).items()):
+    if not _name.startswith("_") and inspect.iscoroutinefunction(_fn):
+        setattr(SqliteStore, _name, _translated(_fn))

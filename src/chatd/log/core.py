@@ -1,0 +1,429 @@
+"""The node's ordered log: the one writer of a node, and its router.
+
+Every change that affects live routing goes through here and nowhere else:
+messages from every shard, group joins and leaves, token revocations, bans.
+One task (``_run``) takes them in turn, so their order is the order of the
+store's ids (docs/design.md, invariants 2 and 5):
+
+1. users that came online whose groups must be read (one query for all),
+   each answered with ``Here(uid, groups, hw)`` at this point of the order;
+2. routing changes (``Control``), each committed alone, then announced to
+   the shards concerned at this point;
+3. a batch of queued messages (at most ``batch_max``), one transaction
+   (group commit), then routed.
+
+Routing after a commit: the shard that submitted a message gets ``Acked``
+(or ``Refused``), every other shard that holds a recipient gets ``Deliver``
+once; each shard gets one ``Batch`` per commit, items in id order, with the
+high-water id. A shard with nothing to deliver gets nothing. Presence
+(``log.presence``) says which shards hold whom; no shard knows more than
+its own connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, Protocol
+
+from chatd.bus.frames import (
+    Acked,
+    AnyItem,
+    Banned,
+    Deliver,
+    Here,
+    Joined,
+    Left,
+    Refused,
+    Revoked,
+    Unbanned,
+    Welcome,
+)
+from chatd.errors import StoreError, StoreUnavailable
+from chatd.log.presence import Presence
+from chatd.store import DUPLICATE, NO_RECEIVER, STORED, Store
+from chatd.wire import CMD_PRIVATE, ERR_BUSY, ERR_NOT_FOUND, ERR_SERVER, Message
+
+log = logging.getLogger("chatd.log")
+
+#: most users whose groups one store query reads
+LOOKUP_BATCH: Final = 500
+#: upper bounds (ms) of the commit-latency histogram
+COMMIT_MS_BUCKETS: Final = (0.5, 1, 2, 5, 10, 20, 50, 100, 250, 1000)
+
+
+class Port(Protocol):
+    """The log's view of a connected shard."""
+
+    def send(self, items: list[AnyItem], hw: int) -> None:
+        """Deliver ``items`` (in order) and the high-water ``hw`` to the shard."""
+
+
+Submission = tuple[int, int, Message]  # (port id, the shard's seq, message)
+
+
+class Log:
+    """The node's one writer: group commit, ids, dedupe, presence, routing.
+
+    Implements ``chatd.bus.Control`` for the API. Start with ``await
+    log.start()``; ``close`` commits what is queued first.
+    """
+
+    def __init__(self, store: Store, *, batch_max: int = 2048, queue_max: int = 100_000) -> None:
+        self.store = store
+        self.batch_max = batch_max
+        self.queue_max = queue_max
+        self.presence = Presence()
+        #: the highest id committed and routed
+        self.hw = 0
+        self._ports: dict[int, Port] = {}
+        self._next_port = 0
+        self._queue: deque[Submission] = deque()
+        self._lookups: list[tuple[int, int]] = []
+        self._ops: deque[tuple[Callable[[], Awaitable[Any]], asyncio.Future[Any]]] = deque()
+        self._out: dict[int, list[AnyItem]] = {}
+        self._flush_soon = False
+        self._wake: asyncio.Event | None = None
+        self._idle: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        #: token versions of users who ever revoked, and banned users (for Welcome)
+        self._versions: dict[int, int] = {}
+        self._banned: set[int] = set()
+        # figures
+        self.batches = 0
+        self.committed = 0
+        self.commit_ms = [0] * (len(COMMIT_MS_BUCKETS) + 1)
+        self.commit_ms_sum = 0.0
+        self.batch_sizes = 0
+
+    # --- life -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Read where the store is and start the writer."""
+        self._loop = asyncio.get_running_loop()
+        self.hw = await self.store.max_message_id()
+        self._versions = await self.store.token_versions()
+        self._banned = set(await self.store.banned_users())
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task = self._loop.create_task(self._run(), name="log-writer")
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far is committed and routed."""
+        assert self._idle is not None
+        while self._pending():
+            self._idle.clear()
+            await self._idle.wait()
+
+    async def close(self) -> None:
+        """Commit what is queued, then stop the writer (the store stays open)."""
+        if self._task is None:
+            return
+        await self.flush()
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        self._task = None
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def _pending(self) -> bool:
+        return bool(self._queue or self._lookups or self._ops) or self._busy
+
+    _busy = False
+
+    @property
+    def busy(self) -> bool:
+        """Whether the writer is in the middle of a step (a read, a change, a commit)."""
+        return self._busy
+
+    # --- ports (shards) ----------------------------------------------------------
+
+    def attach(self, port: Port) -> tuple[int, Welcome]:
+        """A shard connected: its port id, and the ``Welcome`` to send it first."""
+        self._next_port += 1
+        self._ports[self._next_port] = port
+        return self._next_port, Welcome(
+            hw=self.hw, versions=dict(self._versions), banned=sorted(self._banned)
+        )
+
+    def detach(self, port_id: int) -> None:
+        """A shard is gone: forget what it held. Its queued messages still
+        commit (their senders retry and are acked with the same id)."""
+        self._ports.pop(port_id, None)
+        self._out.pop(port_id, None)
+        self.presence.drop_port(port_id)
+        self._lookups = [(p, u) for p, u in self._lookups if p != port_id]
+
+    @property
+    def ports(self) -> int:
+        return len(self._ports)
+
+    def submit(self, port_id: int, seq: int, msg: Message) -> bool:
+        """Queue a validated message; False if the queue is full (the shard answers 503)."""
+        if len(self._queue) >= self.queue_max:
+            return False
+        self._queue.append((port_id, seq, msg))
+        self._kick()
+        return True
+
+    def online(self, port_id: int, uid: int) -> None:
+        """``port_id`` holds its first connection of ``uid``; answered with ``Here``."""
+        if port_id not in self._ports:
+            return
+        if self.presence.known(uid):
+            groups = self.presence.add(uid, port_id)
+            self._emit(port_id, Here(uid, sorted(groups), self.hw))
+            self._schedule_flush()
+        else:
+            self._lookups.append((port_id, uid))
+            self._kick()
+
+    def offline(self, port_id: int, uid: int) -> None:
+        """``port_id`` holds no connection of ``uid`` any more."""
+        self.presence.remove(uid, port_id)
+
+    # --- control: the routing changes (chatd.bus.Control) -------------------------
+
+    async def create_group(
+        self, name: str, owner: int, icon: str = "", cate: int = 0, memo: str = ""
+    ) -> int:
+        async def op() -> int:
+            gid = await self.store.create_group(name, owner, icon, cate, memo)
+            self._announce_join(owner, gid)
+            return gid
+
+        return int(await self._control(op))
+
+    async def join_group(self, gid: int, uid: int) -> bool:
+        async def op() -> bool:
+            added = await self.store.join_group(gid, uid)
+            if added:
+                self._announce_join(uid, gid)
+            return added
+
+        return bool(await self._control(op))
+
+    async def leave_group(self, gid: int, uid: int) -> bool:
+        async def op() -> bool:
+            removed = await self.store.leave_group(gid, uid)
+            if removed:
+                for port in self.presence.leave(uid, gid):
+                    self._emit(port, Left(uid, gid))
+            return removed
+
+        return bool(await self._control(op))
+
+    async def revoke_tokens(self, uid: int) -> int:
+        async def op() -> int:
+            version = await self.store.bump_token_version(uid)
+            self._versions[uid] = version
+            self._emit_all(Revoked(uid, version))
+            return version
+
+        return int(await self._control(op))
+
+    async def set_banned(self, uid: int, banned: bool) -> bool:
+        async def op() -> bool:
+            changed = await self.store.set_banned(uid, banned)
+            if banned:
+                self._banned.add(uid)
+                self._emit_all(Banned(uid))
+            else:
+                self._banned.discard(uid)
+                self._emit_all(Unbanned(uid))
+            return changed
+
+        return bool(await self._control(op))
+
+    def _announce_join(self, uid: int, gid: int) -> None:
+        for port in self.presence.join(uid, gid):
+            self._emit(port, Joined(uid, gid))
+
+    async def _control(self, op: Callable[[], Awaitable[Any]]) -> Any:
+        if self._task is None:
+            raise StoreUnavailable("the log is not running")
+        assert self._loop is not None
+        future: asyncio.Future[Any] = self._loop.create_future()
+        self._ops.append((op, future))
+        self._kick()
+        return await future
+
+    # --- the writer ----------------------------------------------------------------
+
+    def _kick(self) -> None:
+        wake = self._wake
+        if wake is not None:
+            wake.set()
+
+    async def _run(self) -> None:
+        wake = self._wake
+        idle = self._idle
+        assert wake is not None and idle is not None
+        while True:
+            if not (self._queue or self._lookups or self._ops):
+                idle.set()
+                wake.clear()
+                await wake.wait()
+            self._busy = True
+            try:
+                if self._lookups:
+                    await self._answer_onlines()
+                while self._ops:
+                    op, future = self._ops.popleft()
+                    try:
+                        result = await op()
+                    except Exception as exc:  # the caller gets it
+                        if not future.done():
+                            future.set_exception(exc)
+                    else:
+                        if not future.done():
+                            future.set_result(result)
+                    self._flush()
+                if self._queue:
+                    await self._commit()
+            except Exception:  # our bug: log it, keep the writer alive
+                log.exception("the log's writer failed a step")
+            finally:
+                self._busy = False
+
+    async def _answer_onlines(self) -> None:
+        pending, self._lookups = self._lookups[:LOOKUP_BATCH], self._lookups[LOOKUP_BATCH:]
+        try:
+            groups = await self.store.group_ids_of({uid for _, uid in pending})
+        except StoreError as exc:
+            log.error("reading the groups of %d users failed: %s; retrying", len(pending), exc)
+            self._lookups[:0] = pending
+            await asyncio.sleep(0.1)
+            return
+        for port_id, uid in pending:
+            if port_id not in self._ports:
+                continue
+            mine = self.presence.add(uid, port_id, groups.get(uid, ()))
+            self._emit(port_id, Here(uid, sorted(mine), self.hw))
+        self._flush()
+
+    async def _commit(self) -> None:
+        queue = self._queue
+        n = min(len(queue), self.batch_max)
+        batch = [queue.popleft() for _ in range(n)]
+        msgs = [m for _, _, m in batch]
+        started = time.perf_counter()
+        try:
+            outcomes = await self.store.append(msgs)
+        except StoreUnavailable as exc:
+            log.error("a batch of %d was not stored: %s", n, exc)
+            for port_id, seq, _ in batch:
+                self._emit(port_id, Refused(seq, ERR_BUSY, "store unavailable, retry"))
+            self._flush()
+            return
+        except Exception:
+            log.exception("a batch of %d was not stored", n)
+            for port_id, seq, _ in batch:
+                self._emit(port_id, Refused(seq, ERR_SERVER, "message not stored, retry"))
+            self._flush()
+            return
+        self._count_commit(n, time.perf_counter() - started)
+        presence = self.presence
+        emit = self._emit
+        hw = self.hw
+        for (port_id, seq, msg), status in zip(batch, outcomes, strict=True):
+            if status == STORED:
+                emit(port_id, Acked(seq, msg.id, msg.ts, True))
+                deliver: Deliver | None = None
+                if msg.cmd == CMD_PRIVATE:
+                    targets: Any = presence.ports_of(msg.dstid)
+                    if msg.dstid != msg.userid:
+                        mine = presence.ports_of(msg.userid)
+                        if mine:
+                            targets = {*targets, *mine}
+                else:
+                    targets = presence.group_targets(msg.dstid)
+                for port in targets:
+                    if port != port_id:
+                        if deliver is None:
+                            deliver = Deliver(msg)
+                        emit(port, deliver)
+                if msg.id > hw:
+                    hw = msg.id
+            elif status == DUPLICATE:
+                emit(port_id, Acked(seq, msg.id, msg.ts, False))
+            elif status == NO_RECEIVER:
+                emit(port_id, Refused(seq, ERR_NOT_FOUND, f"no user {msg.dstid}"))
+        self.hw = hw
+        self._flush()
+
+    def _count_commit(self, n: int, seconds: float) -> None:
+        self.batches += 1
+        self.batch_sizes += n
+        ms = seconds * 1000
+        self.commit_ms_sum += ms
+        for i, bound in enumerate(COMMIT_MS_BUCKETS):
+            if ms <= bound:
+                self.commit_ms[i] += 1
+                break
+        else:
+            self.commit_ms[-1] += 1
+        self.committed = self.store.committed
+
+    # --- output ------------------------------------------------------------------
+
+    def _emit(self, port_id: int, item: AnyItem) -> None:
+        out = self._out.get(port_id)
+        if out is None:
+            if port_id not in self._ports:
+                return  # that shard is gone
+            self._out[port_id] = [item]
+        else:
+            out.append(item)
+
+    def _emit_all(self, item: AnyItem) -> None:
+        for port_id in self._ports:
+            self._emit(port_id, item)
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_soon and self._loop is not None:
+            self._flush_soon = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_soon = False
+        if not self._out:
+            return
+        out, self._out = self._out, {}
+        hw = self.hw
+        for port_id, items in out.items():
+            port = self._ports.get(port_id)
+            if port is None:
+                continue
+            try:
+                port.send(items, hw)
+            except Exception:
+                log.exception("sending a batch to shard port %d failed", port_id)
+
+    def figures(self) -> dict[str, Any]:
+        """What the log reports (status, metrics)."""
+        return {
+            "committed": self.committed,
+            "batches": self.batches,
+            "queued": len(self._queue),
+            "hw": self.hw,
+            "ports": len(self._ports),
+            "online_users": len(self.presence.users),
+            # cumulative, as Prometheus histograms are
+            "commit_ms": {
+                "buckets": [
+                    [bound, sum(self.commit_ms[: i + 1])]
+                    for i, bound in enumerate((*COMMIT_MS_BUCKETS, float("inf")))
+                ],
+                "sum": self.commit_ms_sum,
+                "count": self.batches,
+            },
+            "batch_size_sum": self.batch_sizes,
+        }

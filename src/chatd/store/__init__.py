@@ -1,0 +1,91 @@
+"""The store: what chatd keeps on disk, behind one interface.
+
+``Store`` is the seam where the next engine plugs in: the SQLite store
+(``chatd.store.sqlite``, the embedded default) implements it, and nothing
+outside that module speaks SQL or sees ``sqlite3`` errors. Failures come out
+as ``StoreError`` (``StoreUnavailable``: nothing was done, retry;
+``NotFoundError``: the row named does not exist).
+
+Who calls what:
+
+- the node's log (one per node) is the only caller of ``append`` and of the
+  routing changes (``create_group``, ``join_group``, ``leave_group``,
+  ``bump_token_version``, ``set_banned``), so that they are ordered with the
+  messages (docs/design.md, invariant 5);
+- shards read: ``sync_page`` for replays, token versions and bans at start;
+- the API worker reads history and writes plain account data (users,
+  friendships) directly: those change no routing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+from chatd.wire import Message
+
+#: outcome of one message of ``Store.append``
+STORED: Final = 0  # a new row: deliver it
+DUPLICATE: Final = 1  # the same (userid, cid) was stored before: ack again, do not deliver
+NO_RECEIVER: Final = 2  # a private message to a user that does not exist
+
+
+class Store(Protocol):
+    """The operations chatd needs of a database."""
+
+    committed: int
+    batches: int
+
+    async def close(self) -> None: ...
+
+    # messages (the log)
+    async def append(self, batch: Sequence[Message]) -> list[int]: ...
+    async def max_message_id(self) -> int: ...
+
+    # reads for delivery (shards, the log)
+    async def sync_page(self, uid: int, after: int, before: int, limit: int) -> list[Message]: ...
+    async def group_ids_of(self, uids: Collection[int]) -> dict[int, frozenset[int]]: ...
+    async def user_groups(self, uid: int) -> frozenset[int]: ...
+    async def token_versions(self) -> dict[int, int]: ...
+    async def token_version(self, uid: int) -> int: ...
+    async def banned_users(self) -> list[int]: ...
+    async def get_messages(self, ids: Sequence[int]) -> list[Message]: ...
+
+    # routing changes (the log only)
+    async def create_group(
+        self, name: str, owner: int, icon: str = "", cate: int = 0, memo: str = ""
+    ) -> int: ...
+    async def join_group(self, gid: int, uid: int) -> bool: ...
+    async def leave_group(self, gid: int, uid: int) -> bool: ...
+    async def bump_token_version(self, uid: int) -> int: ...
+    async def set_banned(self, uid: int, banned: bool) -> bool: ...
+
+    # accounts, contacts, history (the API, the CLI)
+    async def create_user(
+        self, mobile: str, passwd_hash: str, nickname: str = "", avatar: str = "", sex: str = "U"
+    ) -> int: ...
+    async def add_user(
+        self, mobile: str, passwd_hash: str, nickname: str = "", avatar: str = "", sex: str = "U"
+    ) -> int | None: ...
+    async def user_by_mobile(self, mobile: str) -> dict[str, Any] | None: ...
+    async def user_by_id(self, uid: int) -> dict[str, Any] | None: ...
+    async def add_friend(self, uid: int, dstid: int) -> bool: ...
+    async def friends(self, uid: int) -> list[dict[str, Any]]: ...
+    async def group_by_id(self, gid: int) -> dict[str, Any] | None: ...
+    async def groups_of(self, uid: int) -> list[dict[str, Any]]: ...
+    async def members_of(self, gid: int) -> list[dict[str, Any]]: ...
+    async def joined_id(self, gid: int, uid: int) -> int | None: ...
+    async def private_history(
+        self, uid: int, peer: int, after: int, before: int, limit: int, newest: bool
+    ) -> list[Message]: ...
+    async def group_history(
+        self, gid: int, after: int, before: int, limit: int, newest: bool
+    ) -> list[Message]: ...
+
+
+async def open_store(path: Path, *, synchronous: str = "NORMAL", writable: bool = True) -> Store:
+    """Open the node's store (SQLite at ``path``; created and migrated if writable)."""
+    from chatd.store.sqlite import SqliteStore
+
+    return await SqliteStore.open(path, synchronous=synchronous, writable=writable)
