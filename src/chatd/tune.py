@@ -394,9 +394,10 @@ def _port_range(box: Box, n: int) -> Check:
         f"local port of this range, so one source address reaches at most {ports} "
         f"connections. chatd-bench spreads its connections over 127.0.x.y source "
         f"addresses on loopback; other clients need {sources} source addresses for {n}",
-        f"give the load generator {sources} or more source addresses, or widen the range: "
-        f"sysctl -w {key}='{RECOMMENDED[key]}' gives {_ports(RECOMMENDED[key])} ports per "
-        f"address; {_PERSIST}",
+        f"give the load generator {sources} or more source addresses"
+        + (f", or widen the range: sysctl -w {key}='{RECOMMENDED[key]}' gives "
+           f"{_ports(RECOMMENDED[key])} ports per address; {_PERSIST}"
+           if _ports(RECOMMENDED[key]) > ports else ""),
     )
 
 

@@ -53,6 +53,10 @@ def test_a_box_set_up_as_recommended_is_ready_for_100k(tmp_path: Path) -> None:
         "net.ipv4.ip_local_port_range"}
     ports = checks["net.ipv4.ip_local_port_range"]
     assert ports.status == WARN and "2 source addresses" in ports.detail
+    assert "widen" not in ports.fix  # it is as wide as recommended already
+    stock = judge(tmp_path / "stock", STOCK)["net.ipv4.ip_local_port_range"]
+    assert "4 or more source addresses" in stock.fix
+    assert "ip_local_port_range='10000 65535' gives 55536 ports" in stock.fix
     assert tune.exit_status(list(checks.values())) == 0
 
 
@@ -164,6 +168,25 @@ def test_what_cannot_be_read_warns_and_does_not_fail(tmp_path: Path) -> None:
     assert tune.exit_status(list(checks.values())) == 0
 
 
+def test_buffers_without_tcp_mem_and_meminfo_without_memavailable_warn(
+        tmp_path: Path) -> None:
+    sysctl = {k: v for k, v in conf_values().items() if k != "net.ipv4.tcp_mem"}
+    proc = make_proc(tmp_path / "proc", sysctl, mem_kib=None)
+    (proc / "meminfo").write_text("MemTotal: 1000 kB\nMemAvailable: lots\n")
+    checks = {c.name: c for c in tune.assess(tune.read_box(proc, UNIT, nofile=LOTS))}
+    assert checks["net.ipv4.tcp_rmem"].status == WARN
+    assert "tcp_mem is unreadable" in checks["net.ipv4.tcp_rmem"].detail
+    assert checks["memory.available"].have == "unreadable"
+
+
+def test_a_big_receive_default_alone_is_the_fix_when_tcp_mem_is_enough(tmp_path: Path) -> None:
+    checks = judge(tmp_path, {**conf_values(), "net.ipv4.tcp_rmem": "4096 131072 33554432"})
+    rmem = checks["net.ipv4.tcp_rmem"]
+    assert rmem.status == WARN
+    assert rmem.fix.startswith("sysctl -w net.ipv4.tcp_rmem='4096 16384 4194304'; ")
+    assert "tcp_mem" not in rmem.fix
+
+
 # --- open-file limits and the unit -----------------------------------------------------
 
 
@@ -195,6 +218,7 @@ def test_an_unlimited_rlimit_passes(tmp_path: Path) -> None:
     (["# LimitNOFILE=1048576", "; LimitNOFILE=1048576"], FAIL, "not set"),
     (["LimitNOFILE=lots"], FAIL, "lots"),
     (["LimitNOFILE=2:1"], FAIL, "2:1"),
+    (["LimitNOFILE=1:2:3"], FAIL, "1:2:3"),
 ])
 def test_the_units_limit(tmp_path: Path, lines: list[str], status: str, have: str) -> None:
     unit = make_unit(tmp_path / "chatd.service", *lines)
