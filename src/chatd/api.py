@@ -20,6 +20,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Final
 
 from aiohttp import web
+from prometheus_client.registry import CollectorRegistry
 
 from chatd import auth, media, metrics
 from chatd.api_accounts import (
@@ -57,6 +58,9 @@ SECURITY_HEADERS: Final = {
 }
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+#: the app's own metrics registry, over the snapshot the supervisor last sent
+METRICS: Final = web.AppKey("chatd.metrics", CollectorRegistry)
 
 _HANDLERS: Final[dict[str, Handler]] = {
     "/user/register": handle_register,
@@ -115,8 +119,8 @@ async def handle_healthz(request: web.Request) -> web.Response:
 
 async def handle_metrics(request: web.Request) -> web.Response:
     """The node's figures in Prometheus text (see ``chatd.metrics``)."""
-    body = metrics.render(request.app[CTX].metrics)
-    return web.Response(body=body.encode(), headers={"Content-Type": metrics.CONTENT_TYPE})
+    body = metrics.render(request.app[METRICS])
+    return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
 
 
 async def handle_openapi(request: web.Request) -> web.Response:
@@ -151,6 +155,7 @@ def make_app(
     )
     app = web.Application(middlewares=[envelope_middleware], client_max_size=MAX_BODY_BYTES)
     app[CTX] = ctx
+    app[METRICS] = metrics.make_registry(lambda: ctx.metrics)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()

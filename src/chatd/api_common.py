@@ -67,7 +67,7 @@ class Ctx:
     checker: TokenChecker = dataclasses.field(init=False)
     #: a hash to verify against when a mobile is unknown, so login takes as long
     dummy_hash: str = ""
-    #: the node's latest figures from the supervisor (``metrics.render``)
+    #: the node's latest figures from the supervisor (``metrics.SnapshotCollector``)
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -1,8 +1,9 @@
 """The ``chatd`` command line.
 
 ``chatd serve`` runs a node; ``chatd admin`` asks a running one over its admin
-socket (found from ``--data-dir``/``--config``/``CHATD_*``); the other commands
-act on a node's data folder directly. Every option of
+socket (found from ``--data-dir``/``--config``/``CHATD_*``); ``chatd tune
+check`` judges the box for a connection count (``chatd.tune``); the other
+commands act on a node's data folder directly. Every option of
 ``serve`` also reads ``CHATD_*`` and the TOML file given by ``--config``.
 Output meant for scripts (an id, a token) is printed alone on stdout; errors go
 to stderr with exit status 1 (2 for bad usage).
@@ -13,11 +14,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
-from chatd import __version__, auth
+from chatd import __version__, auth, tune
 from chatd.config import Config, load
 from chatd.errors import ChatdError, StoreUnavailable
 from chatd.store import Store, open_store
@@ -96,12 +99,59 @@ def _parser() -> argparse.ArgumentParser:
     online.add_argument("uid", type=int)
     _admin_flags(online)
     _admin_flags(acts.add_parser("stats", help="every process's last report"))
+
+    tuning = sub.add_parser("tune", help="check this box for a connection count")
+    tsub = tuning.add_subparsers(dest="action", required=True)
+    check = tsub.add_parser(
+        "check",
+        help="report open-file limits, kernel settings and memory against N connections",
+        description=tune.__doc__.split("\n\n")[1].replace("``", "") if tune.__doc__ else None,
+        epilog="Exit status: 0 when nothing fails (warnings alone still give 0), 1 when "
+        "something does, 2 for bad usage. Thresholds and fixes: README, Operate.",
+    )
+    check.add_argument(
+        "--connections",
+        type=_positive,
+        default=tune.DEFAULT_CONNECTIONS,
+        metavar="N",
+        help="connections the box should carry, all shards together (default %(default)s)",
+    )
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    check.add_argument(
+        "--proc-root",
+        metavar="DIR",
+        help=f"read /proc from DIR (env CHATD_PROC_ROOT; default {tune.DEFAULT_PROC_ROOT})",
+    )
+    check.add_argument(
+        "--unit",
+        metavar="FILE",
+        help=f"the installed systemd unit (default {tune.DEFAULT_UNIT}, if there)",
+    )
     return parser
 
 
 def _admin_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     _config_flags(p, False)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _tune_check(args: argparse.Namespace) -> int:
+    proc_root = args.proc_root or os.environ.get("CHATD_PROC_ROOT") or tune.DEFAULT_PROC_ROOT
+    box = tune.read_box(Path(proc_root), Path(args.unit) if args.unit else None)
+    checks = tune.assess(box, args.connections)
+    report = tune.format_json if args.json else tune.format_text
+    sys.stdout.write(report(checks, args.connections))
+    return tune.exit_status(checks)
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -124,6 +174,8 @@ def _with_store(cfg: Config, action: Callable[[Store], Awaitable[Any]]) -> Any:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "tune":
+        return _tune_check(args)  # reads the box, not the configuration
     cfg = _config(args)
     if args.command == "serve":
         from chatd.server import serve

@@ -51,8 +51,9 @@ log = logging.getLogger("chatd.log")
 
 #: most users whose groups one store query reads
 LOOKUP_BATCH: Final = 500
-#: upper bounds (ms) of the commit-latency histogram
-COMMIT_MS_BUCKETS: Final = (0.5, 1, 2, 5, 10, 20, 50, 100, 250, 1000)
+#: upper bounds of the commit-latency histogram (seconds) and of the batch sizes
+COMMIT_S_BUCKETS: Final = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
+BATCH_SIZE_BUCKETS: Final = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
 
 
 class Port(Protocol):
@@ -96,9 +97,8 @@ class Log:
         # figures
         self.batches = 0
         self.committed = 0
-        self.commit_ms = [0] * (len(COMMIT_MS_BUCKETS) + 1)
-        self.commit_ms_sum = 0.0
-        self.batch_sizes = 0
+        self.commit_s = _Histogram(COMMIT_S_BUCKETS)
+        self.batch_size = _Histogram(BATCH_SIZE_BUCKETS)
 
     # --- life -----------------------------------------------------------------
 
@@ -361,15 +361,8 @@ class Log:
 
     def _count_commit(self, n: int, seconds: float) -> None:
         self.batches += 1
-        self.batch_sizes += n
-        ms = seconds * 1000
-        self.commit_ms_sum += ms
-        for i, bound in enumerate(COMMIT_MS_BUCKETS):
-            if ms <= bound:
-                self.commit_ms[i] += 1
-                break
-        else:
-            self.commit_ms[-1] += 1
+        self.batch_size.observe(n)
+        self.commit_s.observe(seconds)
         self.committed = self.store.committed
 
     # --- output ------------------------------------------------------------------
@@ -416,14 +409,34 @@ class Log:
             "hw": self.hw,
             "ports": len(self._ports),
             "online_users": len(self.presence.users),
-            # cumulative, as Prometheus histograms are
-            "commit_ms": {
-                "buckets": [
-                    [bound, sum(self.commit_ms[: i + 1])]
-                    for i, bound in enumerate((*COMMIT_MS_BUCKETS, float("inf")))
-                ],
-                "sum": self.commit_ms_sum,
-                "count": self.batches,
-            },
-            "batch_size_sum": self.batch_sizes,
+            "commit_seconds": self.commit_s.figures(),
+            "batch_size": self.batch_size.figures(),
         }
+
+
+class _Histogram:
+    """Counts of observations per bucket, reported the way Prometheus wants
+    them: cumulative, with the +Inf bucket."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.sum += value
+        self.count += 1
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[i] += 1
+                return
+        self.counts[-1] += 1
+
+    def figures(self) -> dict[str, Any]:
+        buckets = []
+        total = 0
+        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            total += n
+            buckets.append([bound, total])
+        return {"buckets": buckets, "sum": self.sum, "count": self.count}
