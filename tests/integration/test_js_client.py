@@ -32,7 +32,7 @@ def _node() -> str:
 async def _node_test(script: Path, env: dict[str, str], timeout: float) -> None:
     """Run ``node --test script``; fail with its whole report unless every test passed."""
     proc = await asyncio.create_subprocess_exec(
-        _node(), "--experimental-websocket", "--test", "--test-reporter=tap", str(script),
+        _node(), "--experimental-websocket", "--test", "--test-force-exit", "--test-reporter=tap", str(script),
         cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, "CHATD_TEST_UNIT": str(UNIT), **env})
     try:
@@ -60,4 +60,4 @@ async def test_js_library_against_a_real_server(tmp_path: Path,
     await _node_test(JS_TESTS / "chatd_live.test.mjs", {
         "CHATD_API": f"http://127.0.0.1:{server.api_port}",
         "CHATD_CHAT_PORT": str(port),
-    }, 120)
+    }, 60)
