@@ -242,6 +242,7 @@ function onAck(c, msg, ack) {
     }
   }
   if (ack.id > c.readUpTo) c.readUpTo = ack.id;
+  renderConn();
   renderConvList();
   saveState();
 }
@@ -260,8 +261,10 @@ function sendMessage(c, fields, cid = newCid()) {
       el.classList.add("failed");
       el.querySelector(".meta").textContent = `not sent: ${err.message}`;
     }
+    renderConn();
     saveState();
   });
+  renderConn();
   renderConvList();
   saveState();
 }
@@ -647,8 +650,11 @@ const STATE_TEXT = {
 };
 
 let refreshing = false;
+let connDetail = { state: STATE.IDLE };
 
-function onState(detail) {
+/** The connection badge: the client's state, and how many messages wait. */
+function renderConn() {
+  const detail = connDetail;
   const el = $("conn");
   el.dataset.state = detail.state;
   let text = STATE_TEXT[detail.state] ?? detail.state;
@@ -657,6 +663,11 @@ function onState(detail) {
   }
   const queued = S.chat ? S.chat.pending : 0;
   el.textContent = queued && detail.state !== STATE.OPEN ? `${text} (${queued} queued)` : text;
+}
+
+function onState(detail) {
+  connDetail = detail;
+  renderConn();
   // a browser does not show why a websocket handshake failed: after a few
   // failures, ask the API whether the token still works (and renew it)
   if (detail.state === STATE.WAITING && detail.attempt % 3 === 0 && !refreshing) {
@@ -679,8 +690,8 @@ function showAuth(message = "") {
   $("me").textContent = "";
   $("auth").hidden = false;
   $("auth-error").textContent = message;
-  $("conn").dataset.state = "idle";
-  $("conn").textContent = STATE_TEXT[STATE.IDLE];
+  connDetail = { state: STATE.IDLE };
+  renderConn();
 }
 
 function setAuthMode(register) {
