@@ -17,14 +17,13 @@ import aiohttp
 import pytest
 from browser_helpers import (
     PHONE,
-    ChatPage,
     Chatd,
+    ChatPage,
     browser,
     chatd,
-    free_port,
-    port_bindable,
 )
 from conftest import UNIT, ServerProcess
+from net_helpers import free_port, port_bindable
 from PIL import Image
 from playwright.async_api import Browser, expect
 

@@ -32,7 +32,8 @@ def _node() -> str:
 async def _node_test(script: Path, env: dict[str, str], timeout: float) -> None:
     """Run ``node --test script``; fail with its whole report unless every test passed."""
     proc = await asyncio.create_subprocess_exec(
-        _node(), "--experimental-websocket", "--test", "--test-force-exit", "--test-reporter=tap", str(script),
+        _node(), "--experimental-websocket", "--test", "--test-force-exit",
+        "--test-reporter=tap", str(script),
         cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, "CHATD_TEST_UNIT": str(UNIT), **env})
     try:
