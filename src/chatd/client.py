@@ -420,6 +420,8 @@ class ChatClient:
         was missed since ``last`` (its cmd 4); ``ClosedError`` if the server
         refuses for good first. Without, return at once.
         """
+        if self._state is State.CLOSED:
+            raise self._fatal or ClosedError(1000, "the client is closed")
         if not self.token or not self.uid:
             raise ClientError("log in (or give token and uid) before connecting")
         if self._runner is None:

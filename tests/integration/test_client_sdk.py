@@ -379,6 +379,22 @@ async def test_duplicate_copies_are_dropped(peer: Peer, clients: list[ChatClient
     assert [m.id for m in await until(c, "end")] == [3, 4]
 
 
+async def test_close_fails_what_is_pending_and_stops(peer: Peer,
+                                                    clients: list[ChatClient]) -> None:
+    c = peer_client(peer, clients)
+    await c.connect()
+    future = c.submit(Message(cmd=10, dstid=2, media=1, content="never acked", cid="n"))
+    assert (await peer.next())[1]["cid"] == "n"
+    await c.close()
+    assert c.state is State.CLOSED
+    with pytest.raises(ClosedError):
+        await future
+    assert [m.cid for m in c.pending_messages()] == ["n"]  # kept, to submit again later
+    with pytest.raises(ClosedError):
+        await c.connect()
+    assert len(peer.connections) == 1
+
+
 def test_backoff_grows_to_its_cap_with_jitter() -> None:
     assert [backoff_delay(i, 0.5, 30, lambda: 0.0) for i in range(9)] == [
         0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 15.0, 15.0]

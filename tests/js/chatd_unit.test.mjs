@@ -258,6 +258,20 @@ test("close() stops for good and rejects what is pending", async () => {
   assert.equal(chat.state, STATE.CLOSED);
 });
 
+test("close() while waiting out the backoff cancels the reconnect", () => {
+  const { ScriptedSocket, sockets } = scriptedSockets();
+  const chat = client(ScriptedSocket);
+  chat.start();
+  sockets[0].drop();
+  assert.equal(chat.state, STATE.WAITING);
+  chat.close();
+  mock.timers.tick(60_000);
+  assert.equal(sockets.length, 1);
+  assert.equal(chat.state, STATE.CLOSED);
+  chat.reconnectNow();
+  assert.equal(sockets.length, 1);
+});
+
 test("the same cid while pending is the same send; bad cids are refused", async () => {
   const { ScriptedSocket, sockets } = scriptedSockets();
   const chat = client(ScriptedSocket);

@@ -308,10 +308,11 @@ export class ChatClient extends EventTarget {
   }
 
   #stopTimers() {
+    clearTimeout(this.#retryTimer);
     clearTimeout(this.#beatTimer);
     clearTimeout(this.#resendTimer);
     clearInterval(this.#ackTimer);
-    this.#beatTimer = this.#resendTimer = this.#ackTimer = null;
+    this.#retryTimer = this.#beatTimer = this.#resendTimer = this.#ackTimer = null;
   }
 
   #transmit(entry) {
