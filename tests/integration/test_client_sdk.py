@@ -154,6 +154,21 @@ async def test_queued_messages_go_out_in_order_and_arrive_once(api: Api,
     assert (msg.id, msg.cmd, msg.dstid) == (ack.id, 11, group.id)
 
 
+async def test_messagepack_frames(api: Api, clients: list[ChatClient]) -> None:
+    binary = Options(binary=True, backoff_min_s=0.05 * UNIT, backoff_max_s=0.5 * UNIT)
+    alice, bob = sdk(api, clients, options=binary), sdk(api, clients)
+    await alice.register("13700000015", "secret1")
+    b = await bob.register("13700000016", "secret1")
+    await alice.connect()
+    await bob.connect()
+    ack = await alice.send_text(b.id, "packed ✓")
+    [msg] = await until(bob, "packed ✓")
+    assert msg.id == ack.id and msg.userid == alice.uid
+    await bob.send_text(alice.uid, "back")
+    [back] = await until(alice, "back")
+    assert back.dstid == alice.uid
+
+
 async def test_error_frames_reject_the_send(api: Api, clients: list[ChatClient]) -> None:
     alice = sdk(api, clients)
     await alice.register("13700000021", "secret1")
