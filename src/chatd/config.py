@@ -3,8 +3,12 @@ environment variables and command-line flags, in that order of precedence
 (a flag beats the environment, which beats the file).
 
 Keys are the field names below; in the environment they are upper-cased with a
-``CHATD_`` prefix (``chat_port`` -> ``CHATD_CHAT_PORT``). Unknown keys and values
-of the wrong type are refused with a ``ConfigError`` that names the key.
+``CHATD_`` prefix (``chat_port`` -> ``CHATD_CHAT_PORT``); a list is written
+comma-separated there. Every value, whatever its source, is checked by one
+mechanism: ``msgspec.convert`` against the field's annotated type (ranges
+included), strictly for TOML values, which are typed already, and with text
+conversion for the environment and string flags. Unknown keys and values of
+the wrong type are refused with a ``ConfigError`` that names the key.
 """
 
 from __future__ import annotations
@@ -13,13 +17,20 @@ import dataclasses
 import math
 import os
 import tomllib
+import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+import msgspec
 
 from chatd.errors import ConfigError
 
 ENV_PREFIX = "CHATD_"
+
+_Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+_Positive = Annotated[int, msgspec.Meta(gt=0)]
+_PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,33 +38,36 @@ class Config:
     """Every setting of a chatd node. Units are in the names."""
 
     host: str = "0.0.0.0"
-    chat_port: int = 8080
-    api_port: int = 8081
+    chat_port: _Port = 8080
+    api_port: _Port = 8081
     data_dir: str = "./data"
     log_level: str = "info"
     #: connections one shard accepts; past it the upgrade gets 503 + Retry-After
-    max_conns: int = 100_000
+    max_conns: _Positive = 100_000
+    #: browser origins allowed to open a chat connection: empty = same-origin
+    #: (the websocket's own origin or the api port's web client), "*" = any
+    allowed_origins: tuple[str, ...] = ()
     #: largest websocket frame (or reassembled message) accepted; past it, close 1009
-    max_frame_bytes: int = 65_536
+    max_frame_bytes: _Positive = 65_536
     #: per-connection token bucket; rate_limit=false switches it off (the bench does)
     rate_limit: bool = True
-    rate_per_s: float = 300.0
-    rate_burst: int = 600
+    rate_per_s: _PositiveFloat = 300.0
+    rate_burst: _Positive = 600
     #: the seed client beats every 30 s; silence this long closes the connection
-    idle_timeout_s: float = 75.0
+    idle_timeout_s: _PositiveFloat = 75.0
     #: unsent bytes on one connection past which it is closed as a slow consumer
-    slow_consumer_bytes: int = 262_144
+    slow_consumer_bytes: _Positive = 262_144
     #: SIGTERM: time to commit queued messages and close clients before exiting
-    drain_timeout_s: float = 10.0
+    drain_timeout_s: _PositiveFloat = 10.0
     #: messages per page when a client syncs
-    sync_page: int = 500
+    sync_page: _Positive = 500
     #: most messages in one store transaction
-    batch_max: int = 2048
+    batch_max: _Positive = 2048
     #: messages waiting for the store past which new ones are refused (503 error frame)
-    queue_max: int = 100_000
+    queue_max: _Positive = 100_000
     #: SQLite synchronous mode for messages: NORMAL survives process crashes, FULL power loss
     db_synchronous: str = "NORMAL"
-    token_ttl_s: int = 30 * 24 * 3600
+    token_ttl_s: _Positive = 30 * 24 * 3600
 
     @property
     def data_path(self) -> Path:
@@ -64,67 +78,53 @@ class Config:
         return self.data_path / "chatd.db"
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_TYPES: dict[str, Any] = typing.get_type_hints(Config, include_extras=True)
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _from_text(key: str, text: str) -> Any:
+    """A value written as text (environment, string flag) in the shape
+    ``msgspec.convert`` takes from text: lists comma-separated, bools in the
+    usual spellings, ``_`` as a digit separator."""
+    default = getattr(Config, key)
+    if isinstance(default, tuple):
+        return [item.strip() for item in text.split(",") if item.strip()]
+    if isinstance(default, bool):
+        low = text.strip().lower()
+        return "true" if low in _TRUE else "false" if low in _FALSE else text
+    if isinstance(default, int | float):
+        return text.strip().replace("_", "")
+    return text
 
 
 def _coerce(key: str, value: Any, from_text: bool) -> Any:
-    kind = type(getattr(Config, key))
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if from_text and str(value).lower() in ("1", "true", "yes", "on"):
-            return True
-        if from_text and str(value).lower() in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if from_text:
-            try:
-                return int(str(value).replace("_", ""))
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if kind is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if from_text:
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if isinstance(value, str):
-        return value
-    raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if from_text:
+        value = _from_text(key, str(value))
+    try:
+        return msgspec.convert(value, _TYPES[key], strict=not from_text)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{key}: {exc}".replace(" - at `$`", "")) from None
 
 
 def _check(cfg: Config) -> Config:
-    for key in ("chat_port", "api_port"):
-        if not 0 <= getattr(cfg, key) <= 65535:
-            raise ConfigError(f"{key}: {getattr(cfg, key)} is not a TCP port")
-    for key in (
-        "max_conns",
-        "max_frame_bytes",
-        "rate_burst",
-        "slow_consumer_bytes",
-        "sync_page",
-        "batch_max",
-        "queue_max",
-        "token_ttl_s",
-    ):
-        if getattr(cfg, key) <= 0:
-            raise ConfigError(f"{key}: must be positive")
+    """The rules that the field types cannot say."""
     for key in ("rate_per_s", "idle_timeout_s", "drain_timeout_s"):
-        value = getattr(cfg, key)
-        if not (math.isfinite(value) and value > 0):
-            raise ConfigError(f"{key}: must be a positive number")
+        if not math.isfinite(getattr(cfg, key)):
+            raise ConfigError(f"{key}: must be a finite number")
     if cfg.db_synchronous.upper() not in ("NORMAL", "FULL"):
         raise ConfigError("db_synchronous: must be NORMAL or FULL")
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError("log_level: must be debug, info, warning or error")
+    for origin in cfg.allowed_origins:
+        if origin != "*" and "://" not in origin:
+            raise ConfigError(
+                f"allowed_origins: {origin!r} is not an origin (scheme://host[:port]) or *"
+            )
     return cfg
+
+
+_FIELDS = {f.name for f in dataclasses.fields(Config)}
 
 
 def load(

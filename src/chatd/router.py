@@ -100,7 +100,9 @@ class Router:
                 # stay in id order, so "the highest id I got" is a safe resume point
                 # (a re-ack of a retry carries an old id: it goes out at once)
                 src.hold(reply)
-            elif state != CLOSING:
+            elif state != CLOSING or src.close_pending is not None:
+                # a closing connection still gets the answers to what it sent
+                # before the close (then the close frame: ``Conn.on_outcome``)
                 frames = out.get(src)
                 if frames is None:
                     out[src] = [framed(src, reply)]
@@ -109,8 +111,10 @@ class Router:
             if status == STORED:
                 fanout(msg, src, out)
         for conn, frames in out.items():
-            if conn.state != CLOSING:
+            if conn.state != CLOSING or conn.close_pending is not None:
                 conn.write(frames[0] if len(frames) == 1 else b"".join(frames))
+        for _, src, _ in outcomes:
+            src.on_outcome()  # after the writes: a pending close frame goes last
 
     def fanout(self, msg: Message, src: Any, out: dict[Any, list[bytes]]) -> None:
         """Queue ``msg`` in ``out`` for each recipient but ``src``, framed at most twice."""

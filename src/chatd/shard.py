@@ -41,6 +41,7 @@ from chatd.auth import TokenChecker
 from chatd.config import Config
 from chatd.control import Event, GroupJoined, GroupLeft, TokensRevoked, UserBanned
 from chatd.errors import AuthError, FrameError
+from chatd.handshake import normalize_origin, origin_allowed
 from chatd.media import preview_url_for
 from chatd.registry import STRIPES, Registry
 from chatd.router import CLOSING, LIVE, SYNCING, Router
@@ -155,6 +156,8 @@ class Conn(WSListener):
         "resume",
         "closed_tick",
         "writable",
+        "inflight",
+        "close_pending",
     )
 
     def __init__(self, shard: Shard, uid: int, resume: int = -1) -> None:
@@ -177,6 +180,10 @@ class Conn(WSListener):
         self.top = 0
         self.closed_tick = 0
         self.writable: asyncio.Future[None] | None = None
+        #: messages submitted to the store whose outcome has not come back
+        self.inflight = 0
+        #: (code, reason) of a close that waits for those outcomes to be written
+        self.close_pending: tuple[int, str] | None = None
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -242,14 +249,44 @@ class Conn(WSListener):
             self.writable.set_result(None)
 
     def close(self, code: int, reason: str) -> None:
-        """Send a close frame and disconnect once it is written (the sweep
-        aborts the connection if the peer does not read it)."""
+        """Start the closing handshake (RFC 6455 §7.1.1) with ``code``.
+
+        Nothing more is read or delivered live. The answers to messages the
+        store already accepted from this connection still go out first (a
+        flooding client gets the acks of what was stored, then its 4008);
+        then the close frame, then a TCP half-close, so that the peer reads
+        everything before it sees the end. The socket closes when the peer
+        answers (or goes), or the sweep aborts it two ticks later.
+        """
         if self.state == CLOSING:
             return
         self.state = CLOSING
         self.closed_tick = self.shard.tick
-        self.tr.send_close(code, reason.encode())
-        self.tr.disconnect()
+        if self.inflight:
+            self.close_pending = (code, reason)
+        else:
+            self._send_close(code, reason)
+
+    def on_outcome(self) -> None:
+        """The store answered one of this connection's messages (router)."""
+        self.inflight -= 1
+        if not self.inflight and self.close_pending is not None:
+            code, reason = self.close_pending
+            self.close_pending = None
+            self._send_close(code, reason)
+
+    def _send_close(self, code: int, reason: str) -> None:
+        tr = self.tr
+        if tr.is_disconnected:
+            return
+        tr.send_close(code, reason.encode())
+        underlying = tr.underlying_transport
+        if underlying.can_write_eof():
+            # a FIN after the queued bytes; reading goes on (and discards), so
+            # unread client frames never turn the close into a reset
+            underlying.write_eof()
+        else:
+            tr.disconnect()
 
     def hold(self, msg: Message) -> None:
         """Keep a live copy (or an ack) for after the running replay; a client
@@ -278,7 +315,11 @@ class Conn(WSListener):
 
     def on_ws_frame(self, transport: Any, frame: Any) -> None:
         if self.state == CLOSING:
-            return  # we sent close: nothing the peer says now can be answered
+            # we started closing: nothing the peer says now is acted on; its
+            # close frame completes the handshake
+            if frame.msg_type is CLOSE and self.close_pending is None:
+                transport.disconnect()
+            return
         shard = self.shard
         self.tick = shard.tick
         kind = frame.msg_type
@@ -345,6 +386,8 @@ class Conn(WSListener):
                 msg.pic = shard.preview_of(msg.url)
             if shard.draining or not shard.store.submit(msg, self):
                 self.send_error(ERR_BUSY, "server busy, retry later", msg.cid)
+            else:
+                self.inflight += 1
         elif cmd == CMD_SYNC:
             if self.state == SYNCING:
                 self.send_error(ERR_CONFLICT, "a sync is already running", msg.cid)
@@ -455,6 +498,9 @@ class Shard:
         self.router = Router(self.registry)
         self.limiter = RateLimiter(cfg.rate_per_s, cfg.rate_burst) if cfg.rate_limit else None
         self.media_dir = cfg.data_path / "media"
+        self.origins = frozenset(
+            o if o == "*" else normalize_origin(o) for o in cfg.allowed_origins
+        )
         self.held_max = max(HELD_MIN, cfg.slow_consumer_bytes // 64)
         self._previews: cachetools.LRUCache[str, str] = cachetools.LRUCache(PREVIEW_CACHE_SIZE)
         #: connections upgraded but not registered yet (their groups are loading)
@@ -580,6 +626,13 @@ class Shard:
         return _json_response(404, {"error": "not found"})
 
     def _chat(self, request: WSUpgradeRequest, query: bytes) -> Any:
+        headers = request.headers
+        origin = headers.get("origin")
+        if origin is not None and not origin_allowed(
+            origin, headers.get("host"), self.origins, self.cfg.api_port
+        ):
+            log.debug("handshake refused: origin %s not allowed", origin)
+            return _json_response(403, {"error": "origin not allowed"})
         try:
             params = parse_qs(query.decode("latin-1"))
             uid = int(params["id"][0])

@@ -110,13 +110,19 @@ class Supervisor:
     def _reserve(self, host: str, port: int) -> int:
         """Hold ``port`` (0: any free one) for the children; return it.
 
-        A plain bind first proves that nobody holds the port, not even another
-        chatd (SO_REUSEPORT would silently share it with one). Then a bound but
-        not listening SO_REUSEPORT socket holds it for the children without
-        taking any of their connections.
+        A probe bind first proves that nobody holds the port, not even another
+        chatd (SO_REUSEPORT would silently share it with one). The probe sets
+        SO_REUSEADDR: the sockets of connections that a killed node left in
+        TIME_WAIT must not keep a restarted node off its port for a minute
+        (systemd would give up restarting it), while Linux still refuses the
+        bind when a socket *listens* there or another chatd holds it. Then a
+        bound but not listening SO_REUSEPORT socket (without SO_REUSEADDR, so
+        a second chatd's probe fails on it too) holds the port for the
+        children without taking any of their connections.
         """
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind((host, port))
             except OSError as exc:

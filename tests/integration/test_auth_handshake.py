@@ -181,3 +181,54 @@ async def test_connection_cap_holds_under_concurrent_handshakes(node_factory) ->
     results = await asyncio.gather(*(attempt() for _ in range(6)))
     assert sum(results) <= 2
     assert node.shard.registry.count <= 2
+
+
+def _upgrade(port: int, uid: int, token: str, origin: str | None, host: str) -> bytes:
+    origin_line = f"Origin: {origin}\r\n" if origin is not None else ""
+    return (f"GET /chat?id={uid}&token={token} HTTP/1.1\r\nHost: {host}\r\n{origin_line}"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").encode()
+
+
+@pytest.mark.parametrize(("origin", "status"), [
+    (None, 101),  # not a browser
+    ("http://127.0.0.1:{api}", 101),  # chatd's web client
+    ("http://127.0.0.1:{chat}", 101),  # the websocket's own origin
+    ("http://evil.example", 403),
+    ("http://127.0.0.1:1", 403),
+    ("null", 403),
+])
+async def test_a_foreign_origin_is_refused_with_403(node: Node, origin: str | None,
+                                                    status: int) -> None:
+    uid = await node.user()
+    if origin is not None:
+        origin = origin.format(api=node.cfg.api_port, chat=node.port)
+    got, headers, body = await http_request(
+        node.port, _upgrade(node.port, uid, node.token(uid), origin, f"127.0.0.1:{node.port}"))
+    assert got == status
+    if status == 403:
+        assert json.loads(body) == {"error": "origin not allowed"}
+        assert "upgrade" not in headers
+
+
+async def test_a_foreign_origin_is_refused_before_the_token_is_looked_at(node: Node) -> None:
+    got, _, body = await http_request(
+        node.port, _upgrade(node.port, 1, "forged", "http://evil.example", "127.0.0.1"))
+    assert (got, json.loads(body)) == (403, {"error": "origin not allowed"})
+
+
+@pytest.mark.parametrize(("allowed", "origin", "status"), [
+    (("*",), "http://evil.example", 101),
+    (("https://app.example.com",), "https://app.example.com", 101),
+    (("https://app.example.com",), "https://APP.example.com:443", 101),
+    (("https://app.example.com",), "http://app.example.com", 403),
+    (("https://app.example.com",), "http://127.0.0.1:{api}", 403),
+])
+async def test_allowed_origins_from_the_config(node_factory: Any, allowed: tuple[str, ...],
+                                               origin: str, status: int) -> None:
+    node = await node_factory(allowed_origins=allowed)
+    uid = await node.user()
+    origin = origin.format(api=node.cfg.api_port)
+    got, _, _ = await http_request(
+        node.port, _upgrade(node.port, uid, node.token(uid), origin, f"127.0.0.1:{node.port}"))
+    assert got == status

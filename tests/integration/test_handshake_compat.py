@@ -49,7 +49,7 @@ async def raw_upgrade(node: Node, uid: int, connection: str, upgrade: str):
         f"Host: 127.0.0.1:{node.port}\r\n"
         "User-Agent: Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0\r\n"
         "Accept: */*\r\nAccept-Language: en-US,en;q=0.5\r\nAccept-Encoding: gzip, deflate\r\n"
-        "Sec-WebSocket-Version: 13\r\nOrigin: http://127.0.0.1\r\n"
+        f"Sec-WebSocket-Version: 13\r\nOrigin: http://127.0.0.1:{node.cfg.api_port}\r\n"
         "Sec-WebSocket-Extensions: permessage-deflate\r\n"
         f"Sec-WebSocket-Key: {key}\r\n"
         f"Connection: {connection}\r\nSec-Fetch-Dest: empty\r\nSec-Fetch-Mode: websocket\r\n"

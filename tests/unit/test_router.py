@@ -52,6 +52,10 @@ class Device:
         self.top = 0
         self.groups: frozenset[int] = frozenset()
         self.written: list[bytes] = []
+        self.close_pending = None
+
+    def on_outcome(self) -> None:
+        pass
 
     def write(self, data: bytes) -> None:
         self.written.append(data)
