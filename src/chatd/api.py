@@ -5,10 +5,11 @@ affects live routing (group membership, revoked tokens) goes to ``control``,
 the node's log, which orders it with the messages and tells the shards.
 
 Routes keep the seed's names and its reply envelope (see ``api_common``);
-handlers live in ``api_accounts``, ``api_contacts`` and ``api_media``, the
-OpenAPI description in ``api_openapi``. Every refusal is a JSON envelope with
-``code: -1`` and an HTTP status; an unexpected error is logged with its
-traceback and answered 500 without one.
+handlers live in ``api_accounts``, ``api_contacts``, ``api_media`` and
+``api_web`` (the web client), the request and reply types in ``api_schema``,
+the OpenAPI description generated from them in ``api_openapi``. Every
+refusal is a JSON envelope with ``code: -1`` and an HTTP status; an
+unexpected error is logged with its traceback and answered 500 without one.
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ from chatd.api_contacts import (
     handle_quitcommunity,
 )
 from chatd.api_media import handle_media, handle_upload
-from chatd.api_openapi import ENDPOINTS, build_spec
+from chatd.api_openapi import build_spec
+from chatd.api_schema import ROUTES, Health
+from chatd.api_web import WEB_FILES, handle_config, handle_index, handle_static, load_files
 from chatd.bus import Control
 from chatd.config import Config
 from chatd.errors import StoreUnavailable
@@ -113,8 +116,8 @@ async def handle_healthz(request: web.Request) -> web.Response:
         await request.app[CTX].store.max_message_id()
     except Exception as exc:
         log.error("healthz: store failed: %s", exc)
-        return reply(503, {"status": "error"})
-    return reply(200, {"status": "ok"})
+        return reply(503, Health(status="error"))
+    return reply(200, Health(status="ok"))
 
 
 async def handle_metrics(request: web.Request) -> web.Response:
@@ -135,12 +138,15 @@ def make_app(
     *,
     executor: Executor | None = None,
     max_upload_bytes: int = media.MAX_UPLOAD_BYTES,
+    chat_port: int | None = None,
 ) -> web.Application:
     """The API application over ``store``; routing changes go to ``control``
     (the node's log), so that they are ordered with the messages.
 
     ``executor`` runs previews (default: a pool of ``DEFAULT_WORKERS`` threads,
-    shut down with the app); ``max_upload_bytes`` bounds an upload.
+    shut down with the app); ``max_upload_bytes`` bounds an upload;
+    ``chat_port`` is the websocket's port that clients are told (default
+    ``cfg.chat_port``).
     """
     own_pool = executor is None
     pool: Executor = executor or ThreadPoolExecutor(DEFAULT_WORKERS, "chatd-media")
@@ -152,10 +158,12 @@ def make_app(
         executor=pool,
         media_dir=cfg.data_path / "media",
         max_upload_bytes=max_upload_bytes,
+        chat_port=cfg.chat_port if chat_port is None else chat_port,
     )
     app = web.Application(middlewares=[envelope_middleware], client_max_size=MAX_BODY_BYTES)
     app[CTX] = ctx
     app[METRICS] = metrics.make_registry(lambda: ctx.metrics)
+    app[WEB_FILES] = load_files()
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
@@ -167,11 +175,13 @@ def make_app(
 
     app.cleanup_ctx.append(lifecycle)
     for path, handler in _HANDLERS.items():
-        methods = ENDPOINTS[path].methods
-        for method in methods:
+        for method in ROUTES[path].methods:
             app.router.add_route(method, path, handler)
     app.router.add_get("/media/{name}", handle_media)
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/openapi.json", handle_openapi)
     app.router.add_get("/metrics", handle_metrics)
+    app.router.add_get("/config.json", handle_config)
+    app.router.add_get("/", handle_index)
+    app.router.add_get("/static/{name}", handle_static)
     return app

@@ -8,43 +8,41 @@ work, whether the mobile number is unknown or the password is wrong.
 from __future__ import annotations
 
 import asyncio
-import re
 from typing import Any, Final
 
 from aiohttp import web
 
 from chatd import auth
-from chatd.api_common import CTX, ApiError, Ctx, authenticate, integer, ok, read_fields, text
+from chatd.api_common import CTX, ApiError, Ctx, authenticate, ok, parse_request, read_fields
+from chatd.api_schema import (
+    AuthRequest,
+    FindRequest,
+    LoginRequest,
+    Me,
+    MeReply,
+    RegisterRequest,
+    Revoked,
+    RevokedReply,
+    TokenInfo,
+    TokenReply,
+    User,
+    UserReply,
+)
 
-MAX_MOBILE_CHARS: Final = 32
-MIN_PASSWD_CHARS: Final = 6
-MAX_PASSWD_CHARS: Final = 128
-MAX_NICKNAME_CHARS: Final = 64
-MAX_URL_CHARS: Final = 2048
-SEXES: Final = frozenset({"M", "W", "F", "U"})
-_MOBILE_RE: Final = re.compile(r"\+?[0-9A-Za-z_.@-]{1,32}")
 LOGIN_FAILED: Final = "wrong mobile number or password"
 
 
-def public_profile(user: dict[str, Any]) -> dict[str, Any]:
+def public_profile(user: dict[str, Any]) -> User:
     """What anyone may see of a user: never the password hash, mobile or token state."""
-    return {
-        "id": user["id"],
-        "nickname": user["nickname"],
-        "avatar": user["avatar"],
-        "sex": user["sex"],
-        "memo": user["memo"],
-    }
+    return User(id=user["id"], nickname=user["nickname"], avatar=user["avatar"],
+                sex=user["sex"], memo=user["memo"])
 
 
-def own_profile(user: dict[str, Any], token: str) -> dict[str, Any]:
+def own_profile(user: dict[str, Any], token: str) -> Me:
     """What the user sees of itself at login: the public profile, mobile and token."""
-    return {
-        **public_profile(user),
-        "mobile": user["mobile"],
-        "createat": user["created_ms"],
-        "token": token,
-    }
+    return Me(id=user["id"], nickname=user["nickname"], avatar=user["avatar"],
+              sex=user["sex"], memo=user["memo"], mobile=user["mobile"],
+              createat=user["created_ms"], token=token)
 
 
 def _issue(ctx: Ctx, uid: int, version: int) -> str:
@@ -60,56 +58,37 @@ async def _verify(password: str, stored: str) -> bool:
     return await loop.run_in_executor(None, auth.verify_password, password, stored)
 
 
-def _credentials(fields: dict[str, Any]) -> tuple[str, str]:
-    mobile = text(fields, "mobile", required=True, max_chars=MAX_MOBILE_CHARS)
-    passwd = fields.get("passwd")
-    if not isinstance(passwd, str) or not passwd:
-        raise ApiError(400, "passwd is required")
-    if len(passwd) > MAX_PASSWD_CHARS:
-        raise ApiError(400, f"passwd is longer than {MAX_PASSWD_CHARS} characters")
-    return mobile, passwd
-
-
 async def handle_register(request: web.Request) -> web.Response:
     """mobile, passwd, nickname, avatar, sex -> the new user and a token (409 if taken)."""
     ctx = request.app[CTX]
-    fields = await read_fields(request)
-    mobile, passwd = _credentials(fields)
-    if not _MOBILE_RE.fullmatch(mobile):
-        raise ApiError(400, "mobile may hold only digits, letters and + _ . @ -")
-    if len(passwd) < MIN_PASSWD_CHARS:
-        raise ApiError(400, f"passwd must have at least {MIN_PASSWD_CHARS} characters")
-    nickname = text(fields, "nickname", max_chars=MAX_NICKNAME_CHARS)
-    avatar = text(fields, "avatar", max_chars=MAX_URL_CHARS)
-    sex = text(fields, "sex", max_chars=1, default="U").upper()
-    if sex not in SEXES:
-        raise ApiError(400, "sex must be M, W, F or U")
+    req = parse_request(await read_fields(request), RegisterRequest)
     # cheap refusal first; the UNIQUE index still decides a race
-    if await ctx.store.user_by_mobile(mobile) is not None:
+    if await ctx.store.user_by_mobile(req.mobile) is not None:
         raise ApiError(409, "this mobile number is already registered")
-    uid = await ctx.store.add_user(mobile, await _hash(passwd), nickname, avatar, sex)
+    uid = await ctx.store.add_user(req.mobile, await _hash(req.passwd), req.nickname,
+                                   req.avatar, req.sex)
     if uid is None:
         raise ApiError(409, "this mobile number is already registered")
     user = await ctx.store.user_by_id(uid)
     assert user is not None
-    return ok(own_profile(user, _issue(ctx, uid, user["token_version"])), "registered")
+    me = own_profile(user, _issue(ctx, uid, user["token_version"]))
+    return ok(MeReply(msg="registered", data=me))
 
 
 async def handle_login(request: web.Request) -> web.Response:
     """mobile, passwd -> the user and a fresh token; one answer for every failure."""
     ctx = request.app[CTX]
-    fields = await read_fields(request)
-    mobile, passwd = _credentials(fields)
-    user = await ctx.store.user_by_mobile(mobile)
+    req = parse_request(await read_fields(request), LoginRequest)
+    user = await ctx.store.user_by_mobile(req.mobile)
     if user is None:
         # the same work as a wrong password, so timing does not tell which it was
-        await _verify(passwd, ctx.dummy_hash)
+        await _verify(req.passwd, ctx.dummy_hash)
         raise ApiError(401, LOGIN_FAILED)
-    if not await _verify(passwd, user["passwd"]):
+    if not await _verify(req.passwd, user["passwd"]):
         raise ApiError(401, LOGIN_FAILED)
     if user["banned"]:
         raise ApiError(403, "this user is banned")
-    return ok(own_profile(user, _issue(ctx, user["id"], user["token_version"])))
+    return ok(MeReply(data=own_profile(user, _issue(ctx, user["id"], user["token_version"]))))
 
 
 async def handle_find(request: web.Request) -> web.Response:
@@ -117,11 +96,11 @@ async def handle_find(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     fields = await read_fields(request)
     await authenticate(request, fields)
-    key = "id" if fields.get("id") not in (None, "") else "dstid"
-    user = await ctx.store.user_by_id(integer(fields, key))
+    req = parse_request(fields, FindRequest)
+    user = await ctx.store.user_by_id(req.uid)
     if user is None:
         raise ApiError(404, "no such user")
-    return ok(public_profile(user))
+    return ok(UserReply(data=public_profile(user)))
 
 
 async def handle_refresh(request: web.Request) -> web.Response:
@@ -129,11 +108,12 @@ async def handle_refresh(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     fields = await read_fields(request)
     uid = await authenticate(request, fields)
+    parse_request(fields, AuthRequest)
     user = await ctx.store.user_by_id(uid)
     if user is None:
         raise ApiError(401, "no such user")
     token = _issue(ctx, uid, user["token_version"])
-    return ok({"id": uid, "token": token, "expires_in": ctx.cfg.token_ttl_s})
+    return ok(TokenReply(data=TokenInfo(id=uid, token=token, expires_in=ctx.cfg.token_ttl_s)))
 
 
 async def handle_revoke(request: web.Request) -> web.Response:
@@ -141,5 +121,7 @@ async def handle_revoke(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     fields = await read_fields(request)
     uid = await authenticate(request, fields)
+    parse_request(fields, AuthRequest)
     await ctx.control.revoke_tokens(uid)
-    return ok({"id": uid}, "every token of this user is revoked; log in again")
+    return ok(RevokedReply(msg="every token of this user is revoked; log in again",
+                           data=Revoked(id=uid)))

@@ -8,7 +8,9 @@ HTTP status that says why (400 bad field, 401 no or bad token, 403 not
 allowed, 404 unknown, 409 duplicate, 413 too large, 415 unsupported type).
 
 Inputs come from the query string and the body (form-urlencoded, multipart
-text fields or a JSON object), the body winning. The acting user is always
+text fields or a JSON object), the body winning; ``parse_request`` checks
+them against the call's request type in ``chatd.api_schema``, which also
+holds the reply types. The acting user is always
 the token's: ``Authorization: Bearer TOKEN`` or the seed's ``token`` field; a
 ``userid`` field that names someone else is refused (403).
 """
@@ -22,11 +24,12 @@ import logging
 from collections.abc import Mapping
 from concurrent.futures import Executor
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import msgspec
 from aiohttp import web
 
+from chatd import api_schema
 from chatd.auth import TokenChecker
 from chatd.bus import Control
 from chatd.config import Config
@@ -37,9 +40,9 @@ log = logging.getLogger("chatd.api")
 
 #: largest JSON or form body (uploads are counted separately)
 MAX_BODY_BYTES: Final = 64 * 1024
-MAX_TEXT_CHARS: Final = 2048
 
 Fields = Mapping[str, Any]
+S = TypeVar("S", bound=msgspec.Struct)
 
 
 class ApiError(ChatdError):
@@ -63,6 +66,8 @@ class Ctx:
     executor: Executor
     media_dir: Path
     max_upload_bytes: int
+    #: the chat websocket's port, for clients (``/config.json``, the page's CSP)
+    chat_port: int = 0
     #: checks signature and expiry; revocation is checked against the store
     checker: TokenChecker = dataclasses.field(init=False)
     #: a hash to verify against when a mobile is unknown, so login takes as long
@@ -79,23 +84,18 @@ CTX: Final = web.AppKey("chatd.api", Ctx)
 _encode = msgspec.json.Encoder().encode
 
 
-def reply(status: int, body: dict[str, Any]) -> web.Response:
+def reply(status: int, body: Any) -> web.Response:
+    """A JSON reply: a Struct of ``chatd.api_schema`` or a plain document."""
     return web.Response(status=status, body=_encode(body), content_type="application/json")
 
 
-def ok(data: Any = None, msg: str = "") -> web.Response:
-    """The success envelope around ``data``."""
-    return reply(200, {"code": 0, "msg": msg, "data": data})
-
-
-def ok_list(rows: list[Any], **extra: Any) -> web.Response:
-    """The success envelope of a list (seed clients read ``rows``/``total`` at the top)."""
-    data = {"rows": rows, "total": len(rows), **extra}
-    return reply(200, {"code": 0, "msg": "", "data": data, "rows": rows, "total": len(rows)})
+def ok(body: msgspec.Struct) -> web.Response:
+    """A call that succeeded: ``body`` is its reply envelope (``api_schema.*Reply``)."""
+    return reply(200, body)
 
 
 def fail(status: int, msg: str) -> web.Response:
-    return reply(status, {"code": -1, "msg": msg, "data": None})
+    return reply(status, api_schema.ErrorReply(code=-1, msg=msg))
 
 
 # --- input fields ----------------------------------------------------------------
@@ -126,44 +126,13 @@ async def read_fields(request: web.Request) -> dict[str, Any]:
     return fields
 
 
-def text(fields: Fields, name: str, *, required: bool = False, max_chars: int = MAX_TEXT_CHARS,
-         default: str = "") -> str:
-    """A text field, stripped; 400 if missing (when required), not text, or too long."""
-    value = fields.get(name)
-    if value is None or value == "":
-        if required:
-            raise ApiError(400, f"{name} is required")
-        return default
-    if isinstance(value, bool) or not isinstance(value, str | int):
-        raise ApiError(400, f"{name} must be text")
-    value = str(value).strip()
-    if required and not value:
-        raise ApiError(400, f"{name} is required")
-    if len(value) > max_chars:
-        raise ApiError(400, f"{name} is longer than {max_chars} characters")
-    return value
-
-
-def integer(fields: Fields, name: str, *, required: bool = True, default: int = 0,
-            low: int = 1, high: int = (1 << 63) - 1) -> int:
-    """An integer field (a number or its decimal text) in ``low..high``; 400 if not."""
-    value = fields.get(name)
-    if value is None or value == "":
-        if required:
-            raise ApiError(400, f"{name} is required")
-        return default
-    if isinstance(value, bool):
-        raise ApiError(400, f"{name} must be an integer")
-    if isinstance(value, str):
-        try:
-            value = int(value.strip(), 10)
-        except ValueError:
-            raise ApiError(400, f"{name} must be an integer") from None
-    if not isinstance(value, int):
-        raise ApiError(400, f"{name} must be an integer")
-    if not low <= value <= high:
-        raise ApiError(400, f"{name} must be between {low} and {high}")
-    return value
+def parse_request(fields: Fields, kind: type[S]) -> S:
+    """The call's ``fields`` as request type ``kind`` (``chatd.api_schema``); 400 if
+    they do not fit, with the field's name and why."""
+    try:
+        return api_schema.parse(fields, kind)
+    except api_schema.SchemaError as exc:
+        raise ApiError(400, str(exc)) from None
 
 
 # --- authentication ----------------------------------------------------------------

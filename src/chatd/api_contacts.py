@@ -10,41 +10,46 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-import msgspec
 from aiohttp import web
 
-from chatd.api_accounts import MAX_URL_CHARS, public_profile
-from chatd.api_common import (
-    CTX,
-    ApiError,
-    authenticate,
-    integer,
-    ok,
-    ok_list,
-    read_fields,
-    text,
+from chatd.api_accounts import public_profile
+from chatd.api_common import CTX, ApiError, authenticate, ok, parse_request, read_fields
+from chatd.api_schema import (
+    AuthRequest,
+    Befriended,
+    BefriendedReply,
+    CreateGroupRequest,
+    Group,
+    GroupList,
+    GroupListReply,
+    GroupReply,
+    GroupRequest,
+    HistoryPage,
+    HistoryReply,
+    HistoryRequest,
+    Joined,
+    JoinedReply,
+    Left,
+    LeftReply,
+    MembersRequest,
+    User,
+    UserList,
+    UserListReply,
+    UserRequest,
 )
 from chatd.errors import NotFoundError
 
-MAX_GROUP_NAME_CHARS: Final = 64
-MAX_MEMO_CHARS: Final = 1024
-#: most messages in one history page
-MAX_HISTORY_PAGE: Final = 200
-DEFAULT_HISTORY_PAGE: Final = 50
 _NO_BOUND: Final = (1 << 63) - 1
 
 
-def group_view(row: dict[str, Any]) -> dict[str, Any]:
+def group_view(row: dict[str, Any]) -> Group:
     """A group as the seed's clients read it."""
-    return {
-        "id": row["id"],
-        "name": row["name"],
-        "ownerid": row["ownerid"],
-        "icon": row["icon"],
-        "cate": row["cate"],
-        "memo": row["memo"],
-        "createat": row["created_ms"],
-    }
+    return Group(id=row["id"], name=row["name"], ownerid=row["ownerid"], icon=row["icon"],
+                 cate=row["cate"], memo=row["memo"], createat=row["created_ms"])
+
+
+def _users(rows: list[User]) -> UserListReply:
+    return UserListReply(data=UserList(rows=rows, total=len(rows)), rows=rows, total=len(rows))
 
 
 async def handle_addfriend(request: web.Request) -> web.Response:
@@ -52,14 +57,15 @@ async def handle_addfriend(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     fields = await read_fields(request)
     uid = await authenticate(request, fields)
-    dstid = integer(fields, "dstid")
+    dstid = parse_request(fields, UserRequest).dstid
     if dstid == uid:
         raise ApiError(400, "you cannot befriend yourself")
     try:
         added = await ctx.store.add_friend(uid, dstid)
     except NotFoundError:
         raise ApiError(404, "no such user") from None
-    return ok({"id": dstid, "added": added}, "friend added" if added else "already friends")
+    return ok(BefriendedReply(msg="friend added" if added else "already friends",
+                              data=Befriended(id=dstid, added=added)))
 
 
 async def handle_loadfriend(request: web.Request) -> web.Response:
@@ -67,7 +73,8 @@ async def handle_loadfriend(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     fields = await read_fields(request)
     uid = await authenticate(request, fields)
-    return ok_list([public_profile(u) for u in await ctx.store.friends(uid)])
+    parse_request(fields, AuthRequest)
+    return ok(_users([public_profile(u) for u in await ctx.store.friends(uid)]))
 
 
 async def handle_createcommunity(request: web.Request) -> web.Response:
@@ -75,20 +82,16 @@ async def handle_createcommunity(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     fields = await read_fields(request)
     uid = await authenticate(request, fields)
-    owner = fields.get("ownerid")
-    if owner not in (None, "") and str(owner).strip() != str(uid):
+    req = parse_request(fields, CreateGroupRequest)
+    if req.ownerid is not None and req.ownerid != uid:
         raise ApiError(403, "ownerid does not match the token")
-    name = text(fields, "name", required=True, max_chars=MAX_GROUP_NAME_CHARS)
-    icon = text(fields, "icon", max_chars=MAX_URL_CHARS)
-    cate = integer(fields, "cate", required=False, low=0, high=1 << 31)
-    memo = text(fields, "memo", max_chars=MAX_MEMO_CHARS)
     try:
-        gid = await ctx.control.create_group(name, uid, icon, cate, memo)
+        gid = await ctx.control.create_group(req.name, uid, req.icon, req.cate, req.memo)
     except NotFoundError:
         raise ApiError(401, "no such user") from None
     row = await ctx.store.group_by_id(gid)
     assert row is not None
-    return ok(group_view(row), "group created")
+    return ok(GroupReply(msg="group created", data=group_view(row)))
 
 
 async def handle_joincommunity(request: web.Request) -> web.Response:
@@ -96,12 +99,13 @@ async def handle_joincommunity(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     fields = await read_fields(request)
     uid = await authenticate(request, fields)
-    gid = integer(fields, "dstid")
+    gid = parse_request(fields, GroupRequest).dstid
     try:
         added = await ctx.control.join_group(gid, uid)
     except NotFoundError:
         raise ApiError(404, "no such group") from None
-    return ok({"id": gid, "joined": added}, "joined" if added else "already a member")
+    return ok(JoinedReply(msg="joined" if added else "already a member",
+                          data=Joined(id=gid, joined=added)))
 
 
 async def handle_quitcommunity(request: web.Request) -> web.Response:
@@ -109,7 +113,7 @@ async def handle_quitcommunity(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     fields = await read_fields(request)
     uid = await authenticate(request, fields)
-    gid = integer(fields, "dstid")
+    gid = parse_request(fields, GroupRequest).dstid
     group = await ctx.store.group_by_id(gid)
     if group is None:
         raise ApiError(404, "no such group")
@@ -117,7 +121,7 @@ async def handle_quitcommunity(request: web.Request) -> web.Response:
         raise ApiError(403, "the owner cannot leave the group")
     if not await ctx.control.leave_group(gid, uid):
         raise ApiError(404, "you are not a member of this group")
-    return ok({"id": gid}, "left the group")
+    return ok(LeftReply(msg="left the group", data=Left(id=gid)))
 
 
 async def handle_loadcommunity(request: web.Request) -> web.Response:
@@ -125,7 +129,10 @@ async def handle_loadcommunity(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     fields = await read_fields(request)
     uid = await authenticate(request, fields)
-    return ok_list([group_view(g) for g in await ctx.store.groups_of(uid)])
+    parse_request(fields, AuthRequest)
+    rows = [group_view(g) for g in await ctx.store.groups_of(uid)]
+    return ok(GroupListReply(data=GroupList(rows=rows, total=len(rows)), rows=rows,
+                             total=len(rows)))
 
 
 async def handle_members(request: web.Request) -> web.Response:
@@ -133,13 +140,12 @@ async def handle_members(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     fields = await read_fields(request)
     uid = await authenticate(request, fields)
-    key = "gid" if fields.get("gid") not in (None, "") else "dstid"
-    gid = integer(fields, key)
+    gid = parse_request(fields, MembersRequest).group
     if await ctx.store.group_by_id(gid) is None:
         raise ApiError(404, "no such group")
     if await ctx.store.joined_id(gid, uid) is None:
         raise ApiError(403, "you are not a member of this group")
-    return ok_list([public_profile(u) for u in await ctx.store.members_of(gid)])
+    return ok(_users([public_profile(u) for u in await ctx.store.members_of(gid)]))
 
 
 async def handle_history(request: web.Request) -> web.Response:
@@ -154,30 +160,27 @@ async def handle_history(request: web.Request) -> web.Response:
     ctx = request.app[CTX]
     fields = await read_fields(request)
     uid = await authenticate(request, fields)
-    limit = integer(fields, "limit", required=False, default=DEFAULT_HISTORY_PAGE,
-                    high=MAX_HISTORY_PAGE)
-    after = integer(fields, "after", required=False, default=0, low=0)
-    before = integer(fields, "before", required=False, default=_NO_BOUND)
-    newest = fields.get("after") in (None, "") or fields.get("before") not in (None, "")
-    has_gid = fields.get("gid") not in (None, "")
-    has_dst = fields.get("dstid") not in (None, "")
-    if has_gid == has_dst:
-        raise ApiError(400, "give exactly one of dstid (a user) or gid (a group)")
+    req = parse_request(fields, HistoryRequest)
+    limit = req.limit
+    after = req.after or 0
+    before = req.before if req.before is not None else _NO_BOUND
     store = ctx.store
-    if has_gid:
-        gid = integer(fields, "gid")
+    if req.gid is not None:
+        gid = req.gid
         if await store.group_by_id(gid) is None:
             raise ApiError(404, "no such group")
         joined = await store.joined_id(gid, uid)
         if joined is None:
             raise ApiError(403, "you are not a member of this group")
-        rows = await store.group_history(gid, max(after, joined), before, limit + 1, newest)
+        rows = await store.group_history(gid, max(after, joined), before, limit + 1, req.newest)
     else:
-        peer = integer(fields, "dstid")
+        assert req.dstid is not None
+        peer = req.dstid
         if await store.user_by_id(peer) is None:
             raise ApiError(404, "no such user")
-        rows = await store.private_history(uid, peer, after, before, limit + 1, newest)
+        rows = await store.private_history(uid, peer, after, before, limit + 1, req.newest)
     more = len(rows) > limit
     if more:
-        rows = rows[1:] if newest else rows[:-1]
-    return ok_list([msgspec.to_builtins(m) for m in rows], more=more)
+        rows = rows[1:] if req.newest else rows[:-1]
+    page = HistoryPage(rows=rows, total=len(rows), more=more)
+    return ok(HistoryReply(data=page, rows=rows, total=len(rows)))

@@ -20,7 +20,16 @@ from typing import Any, Final
 from aiohttp import BodyPartReader, web
 
 from chatd import media
-from chatd.api_common import CTX, ApiError, authenticate, in_executor, reply, token_of
+from chatd.api_common import (
+    CTX,
+    ApiError,
+    authenticate,
+    in_executor,
+    ok,
+    parse_request,
+    token_of,
+)
+from chatd.api_schema import UploadForm, UploadReply
 
 #: room for the multipart framing and small text fields around the file
 MULTIPART_SLACK_BYTES: Final = 16 * 1024
@@ -74,6 +83,7 @@ async def handle_upload(request: web.Request) -> web.Response:
         else:
             await part.release()
     await authenticate(request, fields)
+    parse_request(fields, UploadForm)
     if data is None:
         raise ApiError(400, "file is required")
     try:
@@ -82,21 +92,9 @@ async def handle_upload(request: web.Request) -> web.Response:
         raise ApiError(exc.status, exc.reason) from None
     # the seed's front-end reads ``data`` as the url string; the rest rides
     # beside it in the envelope for clients that want the preview and sizes
-    return reply(
-        200,
-        {
-            "code": 0,
-            "msg": "",
-            "data": upload.url,
-            "url": upload.url,
-            "pic": upload.pic,
-            "media": upload.kind.media,
-            "mime": upload.kind.mime,
-            "size": upload.size,
-            "width": upload.width,
-            "height": upload.height,
-        },
-    )
+    return ok(UploadReply(data=upload.url, url=upload.url, pic=upload.pic,
+                          media=upload.kind.media, mime=upload.kind.mime, size=upload.size,
+                          width=upload.width, height=upload.height))
 
 
 async def handle_media(request: web.Request) -> web.StreamResponse:

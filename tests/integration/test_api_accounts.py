@@ -167,12 +167,8 @@ async def test_openapi_lists_every_route(api: Api, node: Node) -> None:
     assert status == 200 and body
     from chatd.api import make_app
 
-    app = make_app(node.cfg, api.store, node.secret, _no_publish)
+    app = make_app(node.cfg, api.store, node.secret, node.log)
     routes = {(r.method.lower(), r.resource.canonical) for r in app.router.routes()
               if r.resource is not None and r.method != "HEAD"}
     described = {(m, p) for p, ops in spec["paths"].items() for m in ops}
     assert routes == described
-
-
-async def _no_publish(event: object) -> None:
-    return None
