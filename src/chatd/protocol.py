@@ -121,6 +121,7 @@ class Session:
         "live_from",
         "replay_after",
         "replay_bound",
+        "replay_read",
         "replay_answer",
         "held",
         "waiting",
@@ -153,6 +154,8 @@ class Session:
         self.live_from = NO_BOUND
         self.replay_after = 0
         self.replay_bound = 0
+        #: the end of the window the page in flight was read for (exclusive)
+        self.replay_read = 0
         self.replay_answer = False
         self.held: list[Message] | None = None
         self.waiting: list[Message] | None = []
@@ -343,11 +346,13 @@ class Session:
         self.held = []
         self.replay_after = after
         self.replay_bound = bound
+        self.replay_read = bound + 1
         self.replay_answer = answer
 
     def replay_window(self) -> tuple[int, int]:
         """The next page to read: ids strictly between these two."""
-        return self.replay_after, self.replay_bound + 1
+        self.replay_read = self.replay_bound + 1
+        return self.replay_after, self.replay_read
 
     def on_page(self, msgs: Iterable[Message], page_size: int) -> bool:
         """A page of the running replay arrived (in id order); True: read another.
@@ -363,9 +368,13 @@ class Session:
             if msg.id > self.replay_after:
                 self.replay_after = msg.id
             n += 1
+        if n < page_size and self.replay_read - 1 > self.replay_after:
+            # the store has nothing more in the window this page was read for;
+            # a log restart may have raised the bound since (on_here)
+            self.replay_after = self.replay_read - 1
         if self.replay_after > self.top:
             self.top = self.replay_after
-        if n >= page_size and self.replay_after < self.replay_bound:
+        if self.replay_after < self.replay_bound:
             return True
         self._end_replay()
         return False
