@@ -128,6 +128,7 @@ class Session:
         "inflight",
         "close_pending",
         "close_frame",
+        "cut",
         "tokens",
         "stamp",
         "frag",
@@ -165,6 +166,8 @@ class Session:
         self.close_pending: tuple[int, str] | None = None
         #: (code, reason) once the close frame must go out (after ``out``)
         self.close_frame: tuple[int, str] | None = None
+        #: it closed while a replay ran, short of its bound (see ``close``)
+        self.cut = False
         self.tokens = float(limits.rate_burst)
         self.stamp = now
         self.frag: bytearray | None = None
@@ -447,9 +450,12 @@ class Session:
             # after the replay, with the held copies: frames stay in id order
             ok = self._hold(ack)
         elif self.writable:
-            self.send(ack)
-            if stored and id > self.top and state is LIVE:
-                self.top = id
+            if self.cut and id > self._client_has():
+                self._unconfirmed(cid)
+            else:
+                self.send(ack)
+                if stored and id > self.top and state is LIVE:
+                    self.top = id
         self._answered()
         return ok
 
@@ -485,10 +491,17 @@ class Session:
         if state is CLOSING or state is CLOSED:
             return
         if state is SYNCING:
-            # the acks held for after the replay are still the client's
+            # the acks held for after the replay are still the client's; but the
+            # replay stops short, and an ack above what the client has would make
+            # its highest id a false resume point (docs/design.md §5, 4)
+            self.cut = True
+            has = self._client_has()
             for msg in self.held or ():
                 if msg.cmd == CMD_ACK:
-                    self.send(msg)
+                    if msg.id > has:
+                        self._unconfirmed(msg.cid)
+                    else:
+                        self.send(msg)
         self.held = None
         self.waiting = None
         self.state = CLOSING
@@ -496,6 +509,17 @@ class Session:
             self.close_pending = (code, reason)
         else:
             self.close_frame = (code, reason)
+
+    def _client_has(self) -> int:
+        """While a replay runs (or after one was cut short): the id up to which
+        the client has everything (where it resumed from, or the pages)."""
+        return max(self.top, self.replay_after)
+
+    def _unconfirmed(self, cid: str) -> None:
+        """The answer to a stored message whose ack may not go out (its id is
+        above what the client has, and the replay will not get there): "send
+        again". The retry, same cid, is acked with the same id."""
+        self.error(ERR_BUSY, "closing before the sync reached it: send again", cid)
 
     def disconnected(self) -> None:
         """The transport is gone."""

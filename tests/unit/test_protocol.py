@@ -12,8 +12,17 @@ from typing import Any
 
 import msgspec
 
-from chatd.protocol import LIVE, Limits, Session
-from chatd.wire import CMD_PRIVATE, CMD_SYNC, OP_BINARY, OP_TEXT, Message
+from chatd.protocol import CLOSING, LIVE, SYNCING, Limits, Session, Verdict
+from chatd.wire import (
+    CMD_ACK,
+    CMD_ERROR,
+    CMD_PRIVATE,
+    CMD_SYNC,
+    ERR_BUSY,
+    OP_BINARY,
+    OP_TEXT,
+    Message,
+)
 
 UID = 1
 OTHER = 2
@@ -78,3 +87,33 @@ def test_a_log_restart_during_a_page_read_does_not_end_the_replay_early() -> Non
     assert out(sess) == [{"id": 2, "userid": OTHER, "cmd": 10, "dstid": UID, "media": 1,
                           "content": "m2", "ts": 2}, {"cmd": CMD_SYNC, "id": 2}]
     assert sess.state is LIVE
+
+
+def submit(sess: Session, cid: str, dst: int = OTHER) -> Message:
+    """The client sends a private message; the glue hands it to the log."""
+    msg = Message(cmd=CMD_PRIVATE, dstid=dst, media=1, content="hi", cid=cid)
+    assert sess.accept(msg, 0) is Verdict.SUBMIT
+    sess.submitted()
+    return msg
+
+
+def test_a_close_during_a_replay_acks_nothing_above_what_the_client_has() -> None:
+    """The client resumed from 0; the store has 1 and 2 for it. The connection
+    closes after the first page: an ack of id 3 (held, or arriving while it
+    closes) would make 3 the client's resume point, and 2 would never come.
+    Those messages are answered "send again" instead (their retries are acked
+    with the same ids)."""
+    sess = Session(UID, Limits(), resume=0)
+    sess.on_here(frozenset(), 2)
+    assert sess.on_page([pm(1)], 1) is True and sess.state is SYNCING
+    submit(sess, "held")
+    submit(sess, "late")
+    assert sess.on_acked(3, 3, "held", True)  # held for after the replay
+    assert [f["id"] for f in out(sess)] == [1]
+    sess.close(1001, "going away")
+    sess.on_acked(4, 4, "late", True)
+    frames = out(sess)
+    assert all(f["cmd"] != CMD_ACK for f in frames), frames
+    assert [(f["cmd"], f["amount"], f["cid"]) for f in frames] == [
+        (CMD_ERROR, ERR_BUSY, "held"), (CMD_ERROR, ERR_BUSY, "late")]
+    assert sess.state is CLOSING and sess.close_frame == (1001, "going away")
