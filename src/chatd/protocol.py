@@ -449,6 +449,9 @@ class Session:
         if state is SYNCING and stored:
             # after the replay, with the held copies: frames stay in id order
             ok = self._hold(ack)
+            if not ok:
+                # the glue closes this slow consumer before the replay is through
+                self._unconfirmed(cid)
         elif self.writable:
             if self.cut and id > self._client_has():
                 self._unconfirmed(cid)

@@ -12,8 +12,9 @@ from typing import Any
 
 import msgspec
 
-from chatd.protocol import CLOSING, LIVE, SYNCING, Limits, Session, Verdict
+from chatd.protocol import CLOSING, DELIVERED, LIVE, SYNCING, Limits, Session, Verdict
 from chatd.wire import (
+    CLOSE_SLOW_CONSUMER,
     CMD_ACK,
     CMD_ERROR,
     CMD_PRIVATE,
@@ -22,6 +23,7 @@ from chatd.wire import (
     OP_BINARY,
     OP_TEXT,
     Message,
+    framed,
 )
 
 UID = 1
@@ -117,3 +119,19 @@ def test_a_close_during_a_replay_acks_nothing_above_what_the_client_has() -> Non
     assert [(f["cmd"], f["amount"], f["cid"]) for f in frames] == [
         (CMD_ERROR, ERR_BUSY, "held"), (CMD_ERROR, ERR_BUSY, "late")]
     assert sess.state is CLOSING and sess.close_frame == (1001, "going away")
+
+
+def test_an_ack_that_the_held_copies_leave_no_room_for_is_still_answered() -> None:
+    """A replay holds ``held_max`` live copies; the ack of the client's message
+    does not fit: the glue closes the slow consumer (4009), and the message
+    still gets its one answer before the close frame ("send again": its ack
+    cannot go before the replay)."""
+    sess = Session(UID, Limits(held_max=1), resume=0)
+    sess.on_here(frozenset(), 5)
+    live = pm(6)
+    assert sess.deliver(live, framed(live, False)) == DELIVERED  # held: full now
+    submit(sess, "c1")
+    assert sess.on_acked(7, 7, "c1", True) is False  # the glue closes it
+    sess.close(CLOSE_SLOW_CONSUMER, "slow consumer")
+    assert [(f["cmd"], f["amount"], f["cid"]) for f in out(sess)] == [(CMD_ERROR, ERR_BUSY, "c1")]
+    assert sess.close_frame == (CLOSE_SLOW_CONSUMER, "slow consumer")
