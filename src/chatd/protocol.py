@@ -404,8 +404,8 @@ class Session:
     def replay_failed(self) -> None:
         """The store could not give a page: the gap cannot be filled here, and
         sending what is held would make the client's highest id a false resume
-        point: close (1011) so that it reconnects and resumes."""
-        self.held = None
+        point: close (1011) so that it reconnects and resumes. (``close`` sends
+        no held copy, and answers the held acks without passing that point.)"""
         self.close(1011, "sync failed, reconnect")
 
     # --- the log's items -----------------------------------------------------------

@@ -135,3 +135,15 @@ def test_an_ack_that_the_held_copies_leave_no_room_for_is_still_answered() -> No
     sess.close(CLOSE_SLOW_CONSUMER, "slow consumer")
     assert [(f["cmd"], f["amount"], f["cid"]) for f in out(sess)] == [(CMD_ERROR, ERR_BUSY, "c1")]
     assert sess.close_frame == (CLOSE_SLOW_CONSUMER, "slow consumer")
+
+
+def test_a_failed_replay_still_answers_the_acks_it_held() -> None:
+    """The store cannot give a page: the session closes (1011); the message
+    whose ack it held for after the replay still gets its one answer."""
+    sess = Session(UID, Limits(), resume=0)
+    sess.on_here(frozenset(), 5)
+    submit(sess, "c1")
+    assert sess.on_acked(6, 6, "c1", True)
+    sess.replay_failed()
+    assert [(f["cmd"], f["amount"], f["cid"]) for f in out(sess)] == [(CMD_ERROR, ERR_BUSY, "c1")]
+    assert sess.close_frame == (1011, "sync failed, reconnect")
