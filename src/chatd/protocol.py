@@ -446,8 +446,10 @@ class Session:
         ack = Message(cmd=CMD_ACK, id=id, cid=cid, ts=ts)
         ok = True
         state = self.state
-        if state is SYNCING and stored:
+        if state is SYNCING and (stored or id > self._client_has()):
             # after the replay, with the held copies: frames stay in id order
+            # (a re-ack too, if the original is above what the client has: it
+            # was stored while the client was away, and the replay is not there)
             ok = self._hold(ack)
             if not ok:
                 # the glue closes this slow consumer before the replay is through

@@ -91,6 +91,21 @@ def test_a_log_restart_during_a_page_read_does_not_end_the_replay_early() -> Non
     assert sess.state is LIVE
 
 
+def replay(sess: Session, stored: list[Message], page_size: int = 1) -> None:
+    """The shard's replay task (``Shard._replay``) against the messages
+    ``stored`` for the user (in id order), until the replay ends."""
+    while sess.state is SYNCING:
+        after, before = sess.replay_window()
+        page = [msgspec.structs.replace(m) for m in stored if after < m.id < before]
+        if not sess.on_page(page[:page_size], page_size):
+            break
+
+
+def ids(frames: list[dict[str, Any]]) -> list[tuple[int, int]]:
+    """(cmd, id) of every frame that carries an id."""
+    return [(f["cmd"], f["id"]) for f in frames if "id" in f]
+
+
 def submit(sess: Session, cid: str, dst: int = OTHER) -> Message:
     """The client sends a private message; the glue hands it to the log."""
     msg = Message(cmd=CMD_PRIVATE, dstid=dst, media=1, content="hi", cid=cid)
@@ -147,3 +162,25 @@ def test_a_failed_replay_still_answers_the_acks_it_held() -> None:
     sess.replay_failed()
     assert [(f["cmd"], f["amount"], f["cid"]) for f in out(sess)] == [(CMD_ERROR, ERR_BUSY, "c1")]
     assert sess.close_frame == (1011, "sync failed, reconnect")
+
+
+def test_a_re_ack_above_what_the_client_has_waits_for_the_replay() -> None:
+    """The client's message was stored as 3 but its ack was lost with the last
+    connection; it resumes from 0 and sends the message again. The re-ack
+    (the original id 3) must not overtake the replay of 1 and 2: the client's
+    highest id would be 3 before it has them (invariants 3 and 4)."""
+    own = pm(3, src=UID, dst=OTHER, cid="c1")
+    stored = [pm(1), pm(2), own]
+    sess = Session(UID, Limits(), resume=0)
+    retry = Message(cmd=CMD_PRIVATE, dstid=OTHER, media=1, content="hi", cid="c1")
+    assert sess.accept(retry, 0) is Verdict.WAIT
+    waiting, replaying = sess.on_here(frozenset(), 3)
+    assert waiting == [retry] and replaying
+    assert sess.accept(retry, 3) is Verdict.SUBMIT
+    sess.submitted()
+    assert sess.on_acked(3, 3, "c1", False)  # a duplicate: the original's id
+    replay(sess, stored)
+    got = ids(out(sess))
+    assert got[:2] == [(CMD_PRIVATE, 1), (CMD_PRIVATE, 2)], got
+    assert (CMD_ACK, 3) in got and got[-1] == (CMD_SYNC, 3)
+    assert [i for _, i in got] == sorted(i for _, i in got), got
