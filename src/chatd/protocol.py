@@ -106,6 +106,10 @@ IGNORED: Final = 0
 OVERFLOW: Final = -1
 
 
+def _by_id(msg: Message) -> int:
+    return msg.id
+
+
 class Session:
     """The protocol state of one connection. See the module docstring."""
 
@@ -365,12 +369,22 @@ class Session:
         """
         if self.state is not SYNCING:
             return False
+        # acks are held above the bound; only a log restart that raised the
+        # bound past some (on_here) puts one among the pages
+        first_ack = self._first_held_ack()
         n = 0
         for msg in msgs:
-            self.send(msg)
+            n += 1
             if msg.id > self.replay_after:
                 self.replay_after = msg.id
-            n += 1
+            if first_ack is not None and msg.id >= first_ack:
+                # the acks up to it go first, in id order; the client's own
+                # message comes as its ack, not as a copy (as it does live)
+                acked = self._send_acks_up_to(msg.id)
+                first_ack = self._first_held_ack()
+                if acked:
+                    continue
+            self.send(msg)
         if n < page_size and self.replay_read - 1 > self.replay_after:
             # the store has nothing more in the window this page was read for;
             # a log restart may have raised the bound since (on_here)
@@ -381,6 +395,21 @@ class Session:
             return True
         self._end_replay()
         return False
+
+    def _first_held_ack(self) -> int | None:
+        acks = [m.id for m in self.held or () if m.cmd == CMD_ACK]
+        return min(acks) if acks else None
+
+    def _send_acks_up_to(self, id: int) -> bool:
+        """Send the held acks with ids up to ``id``, in id order; whether one
+        of them was for ``id`` itself."""
+        held = self.held
+        assert held is not None
+        due = sorted((m for m in held if m.cmd == CMD_ACK and m.id <= id), key=_by_id)
+        for ack in due:
+            self.send(ack)
+        self.held = [m for m in held if m.cmd != CMD_ACK or m.id > id]
+        return any(m.id == id for m in due)
 
     def _end_replay(self) -> None:
         held, self.held = self.held or [], None

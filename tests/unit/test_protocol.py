@@ -184,3 +184,20 @@ def test_a_re_ack_above_what_the_client_has_waits_for_the_replay() -> None:
     assert got[:2] == [(CMD_PRIVATE, 1), (CMD_PRIVATE, 2)], got
     assert (CMD_ACK, 3) in got and got[-1] == (CMD_SYNC, 3)
     assert [i for _, i in got] == sorted(i for _, i in got), got
+
+
+def test_a_raised_bound_sends_a_held_ack_in_its_place_among_the_pages() -> None:
+    """The client's message is stored as 3 during a replay to 2, its ack held;
+    then the log restarts and places the user at 4 (4 was lost with the link).
+    The replay now passes 3: the ack goes out in its place, before 4, and the
+    client's own message comes as its ack, not as a copy ahead of it."""
+    own = pm(3, src=UID, dst=OTHER, cid="c1")
+    stored = [pm(1), pm(2), own, pm(4)]
+    sess = Session(UID, Limits(), resume=0)
+    sess.on_here(frozenset(), 2)
+    submit(sess, "c1")
+    assert sess.on_acked(3, 3, "c1", True)
+    sess.on_here(frozenset(), 4)  # the log's restart
+    replay(sess, stored)
+    assert ids(out(sess)) == [(CMD_PRIVATE, 1), (CMD_PRIVATE, 2), (CMD_ACK, 3),
+                              (CMD_PRIVATE, 4), (CMD_SYNC, 4)]
