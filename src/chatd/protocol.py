@@ -132,7 +132,7 @@ class Session:
         "inflight",
         "close_pending",
         "close_frame",
-        "cut",
+        "acks_upto",
         "tokens",
         "stamp",
         "frag",
@@ -170,8 +170,9 @@ class Session:
         self.close_pending: tuple[int, str] | None = None
         #: (code, reason) once the close frame must go out (after ``out``)
         self.close_frame: tuple[int, str] | None = None
-        #: it closed while a replay ran, short of its bound (see ``close``)
-        self.cut = False
+        #: once closing, no ack above this id goes out: the client misses
+        #: something above it (a replay cut short, a live copy not sent)
+        self.acks_upto: int | None = None
         self.tokens = float(limits.rate_burst)
         self.stamp = now
         self.frag: bytearray | None = None
@@ -458,6 +459,9 @@ class Session:
             return DELIVERED
         if state is SYNCING:
             return DELIVERED if self._hold(msg) else OVERFLOW
+        if state is CLOSING and self.acks_upto is None:
+            # the client will not get it: no ack above it may go out now
+            self.acks_upto = msg.id - 1
         return IGNORED
 
     def _hold(self, msg: Message) -> bool:
@@ -484,7 +488,7 @@ class Session:
                 # the glue closes this slow consumer before the replay is through
                 self._unconfirmed(cid)
         elif self.writable:
-            if self.cut and id > self._client_has():
+            if self.acks_upto is not None and id > self.acks_upto:
                 self._unconfirmed(cid)
             else:
                 self.send(ack)
@@ -520,7 +524,9 @@ class Session:
     def close(self, code: int, reason: str) -> None:
         """Start closing with ``code``: nothing more is read or delivered live;
         the answers to messages already handed to the log still go out, then
-        the close frame (``close_frame`` is set once it is due)."""
+        the close frame (``close_frame`` is set once it is due). An ack above
+        a message the client will not get here (``acks_upto``) goes as "send
+        again" instead, so that its highest id stays a safe resume point."""
         state = self.state
         if state is CLOSING or state is CLOSED:
             return
@@ -528,8 +534,7 @@ class Session:
             # the acks held for after the replay are still the client's; but the
             # replay stops short, and an ack above what the client has would make
             # its highest id a false resume point (docs/design.md §5, 4)
-            self.cut = True
-            has = self._client_has()
+            has = self.acks_upto = self._client_has()
             for msg in self.held or ():
                 if msg.cmd == CMD_ACK:
                     if msg.id > has:
@@ -545,15 +550,15 @@ class Session:
             self.close_frame = (code, reason)
 
     def _client_has(self) -> int:
-        """While a replay runs (or after one was cut short): the id up to which
+        """While a replay runs (or when one was cut short): the id up to which
         the client has everything (where it resumed from, or the pages)."""
         return max(self.top, self.replay_after)
 
     def _unconfirmed(self, cid: str) -> None:
         """The answer to a stored message whose ack may not go out (its id is
-        above what the client has, and the replay will not get there): "send
-        again". The retry, same cid, is acked with the same id."""
-        self.error(ERR_BUSY, "closing before the sync reached it: send again", cid)
+        above a message the client will not get here): "send again". The
+        retry, same cid, is acked with the same id."""
+        self.error(ERR_BUSY, "closing: not confirmed here, send it again", cid)
 
     def disconnected(self) -> None:
         """The transport is gone."""

@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from chatd.protocol import CLOSING, DELIVERED, LIVE, SYNCING, Limits, Session, Verdict
+from chatd.protocol import CLOSING, DELIVERED, IGNORED, LIVE, SYNCING, Limits, Session, Verdict
 from chatd.wire import (
     CLOSE_SLOW_CONSUMER,
     CMD_ACK,
@@ -201,3 +201,21 @@ def test_a_raised_bound_sends_a_held_ack_in_its_place_among_the_pages() -> None:
     replay(sess, stored)
     assert ids(out(sess)) == [(CMD_PRIVATE, 1), (CMD_PRIVATE, 2), (CMD_ACK, 3),
                               (CMD_PRIVATE, 4), (CMD_SYNC, 4)]
+
+
+def test_a_close_on_a_live_session_acks_nothing_above_a_copy_it_did_not_send() -> None:
+    """A closing connection gets no more live copies, but its messages' answers
+    still go out: an ack of 2 after the copy of 1 was left out would make 2 the
+    client's resume point, past 1. That ack becomes "send again" instead; one
+    below every copy left out is still an ack."""
+    sess = Session(UID, Limits())
+    sess.on_here(frozenset(), 0)
+    submit(sess, "c1")
+    submit(sess, "c2")
+    sess.close(1001, "going away")
+    sess.on_acked(1, 1, "c1", True)  # nothing was left out below it
+    assert sess.deliver(pm(2), framed(pm(2), False)) == IGNORED
+    sess.on_acked(3, 3, "c2", True)
+    assert [(f["cmd"], f.get("id"), f["cid"]) for f in out(sess)] == [
+        (CMD_ACK, 1, "c1"), (CMD_ERROR, None, "c2")]
+    assert sess.close_frame == (1001, "going away")
