@@ -657,6 +657,34 @@ async def test_a_broken_store_refuses_the_batch_with_500_and_the_writer_goes_on(
     assert [(x.seq, x.id) for x in a.of(Acked)] == [(2, 1)]
 
 
+class BrokenPort(RecordingPort):
+    """A shard's end of the bus whose socket broke: sending raises."""
+
+    def send(self, items: list[AnyItem], hw: int) -> None:
+        super().send(items, hw)
+        raise ConnectionResetError("the shard is gone")
+
+
+async def test_a_port_that_fails_to_send_costs_the_others_nothing(
+    store: SqliteStore, make_log: Callable[..., Awaitable[Log]]
+) -> None:
+    alice, bob, carol = await users(store, 3)
+    log = await make_log()
+    a, broken, c = RecordingPort(), BrokenPort(), RecordingPort()
+    for port in (a, broken, c):
+        attach(log, port)
+    await online(log, a, alice)
+    await online(log, broken, bob)
+    await online(log, c, carol)
+    log.submit(a.id, 1, pm(alice, bob))
+    log.submit(a.id, 2, pm(alice, carol))
+    await flush(log)
+    log.submit(a.id, 3, pm(alice, carol))
+    await flush(log)
+    assert [x.id for x in a.of(Acked)] == [1, 2, 3]
+    assert broken.delivered() == [1] and c.delivered() == [2, 3]
+
+
 async def test_figures_count_what_happened(
     store: SqliteStore, make_log: Callable[..., Awaitable[Log]]
 ) -> None:

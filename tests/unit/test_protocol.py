@@ -1084,7 +1084,9 @@ def code_retryable(answer: tuple[str, int]) -> bool:
     return answer[0] == "err" and answer[1] in (ERR_BUSY, ERR_SERVER)
 
 
+# about 10 s here (more under coverage); every run draws new sequences, and the
+# bugs it found are kept above as examples
 SessionMachine.TestCase.settings = settings(
-    max_examples=1000, stateful_step_count=40, deadline=None
+    max_examples=700, stateful_step_count=40, deadline=None
 )
 TestSession = SessionMachine.TestCase
