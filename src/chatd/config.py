@@ -75,6 +75,9 @@ class Config:
     queue_max: _Positive = 100_000
     #: SQLite synchronous mode for messages: NORMAL survives process crashes, FULL power loss
     db_synchronous: str = "NORMAL"
+    #: how long a store statement waits for a lock held by another connection (a
+    #: backup, a sqlite3 shell) before the message is refused with error 503
+    db_busy_timeout_ms: Annotated[int, msgspec.Meta(ge=0)] = 10_000
     token_ttl_s: _Positive = 30 * 24 * 3600
 
     @property

@@ -87,7 +87,9 @@ async def open_node(cfg: Config, *, port: int | None = None) -> EmbeddedNode:
     """
     cfg.data_path.mkdir(parents=True, exist_ok=True)
     secret = auth.load_or_create_secret(cfg.data_path)
-    store = await open_store(cfg.db_path, synchronous=cfg.db_synchronous)
+    store = await open_store(
+        cfg.db_path, synchronous=cfg.db_synchronous, busy_timeout_ms=cfg.db_busy_timeout_ms
+    )
     try:
         node_log = Log(store, batch_max=cfg.batch_max, queue_max=cfg.queue_max)
         await node_log.start()
@@ -139,7 +141,9 @@ async def run_log(cfg: Config, index: int, conn: Connection) -> int:
     on ``log.sock`` until told to drain (after the shards have drained)."""
     stop = asyncio.Event()
     _child_signals(stop)
-    store = await open_store(cfg.db_path, synchronous=cfg.db_synchronous)
+    store = await open_store(
+        cfg.db_path, synchronous=cfg.db_synchronous, busy_timeout_ms=cfg.db_busy_timeout_ms
+    )
     node_log = Log(store, batch_max=cfg.batch_max, queue_max=cfg.queue_max)
     await node_log.start()
     server = LogServer(node_log, log_socket(cfg))
@@ -185,7 +189,9 @@ async def run_shard(cfg: Config, index: int, conn: Connection) -> int:
     close_code: list[Any] = [CLOSE_GOING_AWAY, "server going away"]
     _child_signals(stop)
     secret = auth.load_or_create_secret(cfg.data_path)
-    reader = await open_store(cfg.db_path, writable=False)
+    reader = await open_store(
+        cfg.db_path, writable=False, busy_timeout_ms=cfg.db_busy_timeout_ms
+    )
     checker = auth.TokenChecker(secret, await reader.token_versions())
     checker.banned = set(await reader.banned_users())
     shard = Shard(cfg, reader, checker, index)
@@ -244,7 +250,9 @@ async def run_api(cfg: Config, index: int, conn: Connection) -> int:
     stop = asyncio.Event()
     _child_signals(stop)
     secret = auth.load_or_create_secret(cfg.data_path)
-    store = await open_store(cfg.db_path, synchronous=cfg.db_synchronous)
+    store = await open_store(
+        cfg.db_path, synchronous=cfg.db_synchronous, busy_timeout_ms=cfg.db_busy_timeout_ms
+    )
     control = UnixControl(log_socket(cfg))
     app = make_app(cfg, store, secret, control)
     ctx = app[CTX]

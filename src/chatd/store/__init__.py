@@ -84,8 +84,16 @@ class Store(Protocol):
     ) -> list[Message]: ...
 
 
-async def open_store(path: Path, *, synchronous: str = "NORMAL", writable: bool = True) -> Store:
-    """Open the node's store (SQLite at ``path``; created and migrated if writable)."""
+async def open_store(
+    path: Path, *, synchronous: str = "NORMAL", writable: bool = True, busy_timeout_ms: int = 10_000
+) -> Store:
+    """Open the node's store (SQLite at ``path``; created and migrated if writable).
+
+    ``busy_timeout_ms``: how long a statement waits for a lock another
+    connection holds before the store answers ``StoreUnavailable``.
+    """
     from chatd.store.sqlite import SqliteStore
 
-    return await SqliteStore.open(path, synchronous=synchronous, writable=writable)
+    return await SqliteStore.open(
+        path, synchronous=synchronous, writable=writable, busy_timeout_ms=busy_timeout_ms
+    )

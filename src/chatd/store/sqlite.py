@@ -193,7 +193,12 @@ class SqliteStore:
 
     @classmethod
     async def open(
-        cls, path: Path, *, synchronous: str = "NORMAL", writable: bool = True
+        cls,
+        path: Path,
+        *,
+        synchronous: str = "NORMAL",
+        writable: bool = True,
+        busy_timeout_ms: int = 10_000,
     ) -> SqliteStore:
         """Open the database at ``path``; a writable open creates and migrates it."""
         writer = None
@@ -203,7 +208,7 @@ class SqliteStore:
             try:
                 await writer.execute("PRAGMA journal_mode=WAL")
                 await writer.execute(f"PRAGMA synchronous={synchronous.upper()}")
-                await writer.execute("PRAGMA busy_timeout=10000")
+                await writer.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
                 await writer.execute("PRAGMA foreign_keys=ON")
                 # a bigger page cache keeps the hot index pages in memory, and a
                 # longer WAL between checkpoints writes each hot page back once per
@@ -218,7 +223,7 @@ class SqliteStore:
             raise StoreError(f"no database at {path}")
         try:
             reader = await aiosqlite.connect(path, isolation_level=None)
-            await reader.execute("PRAGMA busy_timeout=10000")
+            await reader.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
             await reader.execute("PRAGMA query_only=ON")
         except BaseException:
             if writer is not None:
