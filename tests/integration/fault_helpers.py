@@ -187,6 +187,15 @@ def token(data_dir: Path, uid: int, ttl_s: int = 3600) -> str:
     return auth.issue_token(auth.load_or_create_secret(data_dir), uid, 0, ttl_s)
 
 
+def devices_for(node: NodeProcess, data: Path, uids: list[int], **kw: Any) -> list[Device]:
+    """One ``Device`` per user, connecting to ``node`` with a token valid for an hour."""
+    def url_of(uid: int) -> Callable[[], str]:
+        tok = token(data, uid)
+        return lambda: f"ws://127.0.0.1:{node.port}/chat?id={uid}&token={tok}"
+
+    return [Device(f"d{uid}", uid, url_of(uid), **kw) for uid in uids]
+
+
 # --- the store's view -----------------------------------------------------------------
 
 
@@ -277,6 +286,8 @@ class Device:
         self.top = 0
         self.pending: dict[str, dict[str, Any]] = {}
         self.acked: dict[str, int] = {}
+        #: cid -> the ts its ack carried
+        self.ack_ts: dict[str, int] = {}
         self.copies: dict[int, dict[str, Any]] = {}
         self.own_copies: set[int] = set()
         self.delivered = 0
@@ -344,7 +355,7 @@ class Device:
                     lambda: _Conn(self, self._gen), url, use_aiofastnet=False,
                     socket_factory=self._socket if self.rcvbuf else None,
                     websocket_handshake_timeout=5 * UNIT)
-            except (OSError, WSError, asyncio.TimeoutError):
+            except (TimeoutError, OSError, WSError):
                 await asyncio.sleep(delay)
                 delay = min(0.5, delay * 2)
                 continue
@@ -405,6 +416,7 @@ class Device:
                     self.disorder.append((conn.last, fid))
                 conn.last = max(conn.last, fid)
                 self.acked[cid] = fid
+                self.ack_ts[cid] = int(frame.get("ts", 0))
                 self.top = max(self.top, fid)
             self.pending.pop(cid, None)
         elif cmd == 4:

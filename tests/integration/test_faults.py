@@ -20,27 +20,21 @@ import psutil
 import pytest
 from conftest import UNIT
 from fault_helpers import (
-    Device,
     NodeProcess,
     check_devices,
     cids_stored,
+    devices_for,
     fill,
     free_port,
     make_users,
     node_procs,
     tmpfs,
-    token,
 )
 
 __all__ = ["node_procs"]  # the fixture
 
 
-def _devices(node: NodeProcess, data: Path, uids: list[int], **kw: object) -> list[Device]:
-    def url_of(uid: int) -> object:
-        tok = token(data, uid)
-        return lambda: f"ws://127.0.0.1:{node.port}/chat?id={uid}&token={tok}"
-
-    return [Device(f"d{uid}", uid, url_of(uid), **kw) for uid in uids]  # type: ignore[arg-type]
+_devices = devices_for
 
 
 @pytest.mark.slow
