@@ -359,6 +359,9 @@ class Device:
                 await asyncio.sleep(delay)
                 delay = min(0.5, delay * 2)
                 continue
+            if conn is None:  # picows gives no listener for a connection lost in the handshake
+                await asyncio.sleep(delay)
+                continue
             delay = 0.02
             self.connects += 1
             await conn.closed.wait()
