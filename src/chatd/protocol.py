@@ -127,6 +127,7 @@ class Session:
         "inflight",
         "close_pending",
         "close_frame",
+        "closing_live",
         "tokens",
         "stamp",
         "frag",
@@ -162,6 +163,9 @@ class Session:
         self.close_pending: tuple[int, str] | None = None
         #: (code, reason) once the close frame must go out (after ``out``)
         self.close_frame: tuple[int, str] | None = None
+        #: closed from LIVE with a code the client may reconnect after: live
+        #: copies still go out until the close frame is due (see ``close``)
+        self.closing_live = False
         self.tokens = float(limits.rate_burst)
         self.stamp = now
         self.frag: bytearray | None = None
@@ -417,6 +421,14 @@ class Session:
             return DELIVERED
         if state is SYNCING:
             return DELIVERED if self._hold(msg) else OVERFLOW
+        if state is CLOSING and self.closing_live and self.close_pending is not None:
+            # acks with higher ids are still to go out: so must the copies
+            # between them, or the highest id would skip these
+            if self.out is None:
+                self.out = [data]
+            else:
+                self.out.append(data)
+            return DELIVERED
         return IGNORED
 
     def _hold(self, msg: Message) -> bool:
@@ -482,6 +494,11 @@ class Session:
                     self.send(msg)
         self.held = None
         self.waiting = None
+        # a client that may reconnect resumes from the highest id it got: the
+        # acks still due after the close carry ids, so the live copies among
+        # them go out too (the close frame follows the last answer). After a
+        # revocation or a ban (4500+) nothing more is delivered.
+        self.closing_live = state is LIVE and code < 4500
         self.state = CLOSING
         if self.inflight:
             self.close_pending = (code, reason)
