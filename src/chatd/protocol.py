@@ -488,9 +488,12 @@ class Session:
         if state is CLOSING or state is CLOSED:
             return
         if state is SYNCING:
-            # the acks held for after the replay are still the client's
+            # an ack held for after the replay goes out only if the replay has
+            # passed its id: one above the part not replayed would make the
+            # client resume past that part. The others are not sent; the
+            # client's retry (same cid) is acked again with the same id.
             for msg in self.held or ():
-                if msg.cmd == CMD_ACK:
+                if msg.cmd == CMD_ACK and msg.id <= self.replay_after:
                     self.send(msg)
         self.held = None
         self.waiting = None

@@ -69,3 +69,22 @@ def test_a_revocation_stops_delivery_at_once_even_with_answers_due() -> None:
     sess.close(4501, "token revoked")
     copy = Message(id=5, userid=9, cmd=CMD_GROUP, dstid=1, media=1, content="hi", ts=1)
     assert sess.deliver(copy, framed(copy, False)) == IGNORED
+
+
+def test_a_close_during_a_replay_sends_no_id_above_what_the_replay_sent() -> None:
+    """Closed (4009, 1001, ...) in the middle of a replay: acks held for after
+    it would carry ids above the unreplayed part, and a resume from them would
+    skip it. They are not sent; the client's retry (same cid) is acked again,
+    and its message comes back in the replay of the next connection."""
+    sess = Session(7, Limits(rate_per_s=0.0), resume=0)
+    _, replay = sess.on_here(frozenset({1}), 10)
+    assert replay and sess.replay_window() == (0, 11)
+    page = [Message(id=i, userid=9, cmd=CMD_PRIVATE, dstid=7, media=1, content="p", ts=1)
+            for i in (1, 2)]
+    assert sess.on_page(page, 2)  # more to read: 3..10 are not sent yet
+    _submit(sess, "a")
+    assert sess.on_acked(11, 2, "a", True)  # held for after the replay
+    sess.close(4009, "slow consumer")
+    ids = [f["id"] for f in _frames(sess)]
+    assert ids == [1, 2], ids
+    assert sess.close_frame == (4009, "slow consumer")
