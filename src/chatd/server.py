@@ -25,7 +25,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Final
@@ -33,10 +33,12 @@ from typing import Any, Final
 import uvloop
 
 from chatd import auth
+from chatd.bus import LogLink
 from chatd.bus.local import LocalLink
 from chatd.bus.unix import LogServer, UnixControl, UnixLogLink
 from chatd.config import Config
 from chatd.control import Link
+from chatd.errors import StoreUnavailable
 from chatd.log import Log
 from chatd.shard import Shard
 from chatd.store import Store, open_store
@@ -63,43 +65,83 @@ def setup_logging(level: str) -> None:
 
 @dataclass
 class EmbeddedNode:
-    """A whole single-shard node in the calling event loop (``open_node``)."""
+    """A whole node in the calling event loop (``open_node``)."""
 
     cfg: Config
     store: Store
     log: Log
-    shard: Shard
-    link: LocalLink
+    shards: list[Shard]
+    links: list[LogLink]
+    server: LogServer | None = None
+    readers: list[Store] = field(default_factory=list)
+
+    @property
+    def shard(self) -> Shard:
+        return self.shards[0]
 
     async def close(self, timeout_s: float | None = None) -> None:
-        """Drain the shard (close 1001), commit what is queued, close the store."""
-        await self.shard.drain(self.cfg.drain_timeout_s if timeout_s is None else timeout_s)
-        await self.link.close()
+        """Drain the shards (close 1001), commit what is queued, close the store."""
+        timeout = self.cfg.drain_timeout_s if timeout_s is None else timeout_s
+        await asyncio.gather(*(shard.drain(timeout) for shard in self.shards))
+        for link in self.links:
+            await link.close()
         await self.log.close()
+        if self.server is not None:
+            await self.server.close()
+        for reader in self.readers:
+            await reader.close()
         await self.store.close()
 
 
-async def open_node(cfg: Config, *, port: int | None = None) -> EmbeddedNode:
-    """Open the store, start the log and a shard listening, in this loop.
+async def open_node(cfg: Config, *, port: int | None = None, shards: int = 1) -> EmbeddedNode:
+    """Open the store, start the log and ``shards`` shards listening, in this loop.
 
-    The embedded default: the log's writer runs in the shard's process
-    (``bus.local``), as ``chatd serve --shards 1`` would with its log alone.
+    One shard (the embedded default) talks to the log directly (``bus.local``).
+    More than one talk to it over its Unix socket (``bus.unix``), as the shard
+    processes of ``chatd serve`` do, each on a port of its own (``port`` is
+    the first shard's; the others take any free one), so that a caller can
+    choose where a connection lands.
     """
     cfg.data_path.mkdir(parents=True, exist_ok=True)
     secret = auth.load_or_create_secret(cfg.data_path)
     store = await open_store(cfg.db_path, synchronous=cfg.db_synchronous)
+    node = None
     try:
         node_log = Log(store, batch_max=cfg.batch_max, queue_max=cfg.queue_max)
         await node_log.start()
-        checker = auth.TokenChecker(secret, await store.token_versions())
-        shard = Shard(cfg, store, checker)
-        link = LocalLink(node_log, shard)
-        await shard.start(link, port=port)
-        link.connect()
+        node = EmbeddedNode(cfg, store, node_log, [], [])
+        if shards == 1:
+            shard = Shard(cfg, store, _checker(secret, await store.token_versions()))
+            link = LocalLink(node_log, shard)
+            await shard.start(link, port=port)
+            link.connect()
+            node.shards.append(shard)
+            node.links.append(link)
+            return node
+        node.server = LogServer(node_log, log_socket(cfg))
+        await node.server.start()
+        for index in range(shards):
+            reader = await open_store(cfg.db_path, writable=False)
+            node.readers.append(reader)
+            shard = Shard(cfg, reader, _checker(secret, await reader.token_versions()), index)
+            bus = UnixLogLink(log_socket(cfg), index, shard)
+            await shard.start(bus, port=port if index == 0 else 0)
+            bus.start()
+            node.shards.append(shard)
+            node.links.append(bus)
+            if not await bus.wait_up(READY_WAIT_S):
+                raise StoreUnavailable("a shard could not reach the log")
     except BaseException:
-        await store.close()
+        if node is not None:
+            await node.close(0.1)
+        else:
+            await store.close()
         raise
-    return EmbeddedNode(cfg, store, node_log, shard, link)
+    return node
+
+
+def _checker(secret: bytes, versions: dict[int, int]) -> auth.TokenChecker:
+    return auth.TokenChecker(secret, versions)
 
 
 def _die_with_parent() -> None:

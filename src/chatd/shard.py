@@ -304,6 +304,9 @@ class Shard:
         self._answered: asyncio.Event | None = None
         # figures
         self.frames_in = 0
+        #: batches and items the log sent here (targeted routing shows in them)
+        self.batches_in = 0
+        self.items_in = 0
         self.closes: dict[int, int] = {}
         self.auth_failures = 0
 
@@ -562,6 +565,8 @@ class Shard:
 
     def on_batch(self, items: list[AnyItem], hw: int) -> None:
         """Items from the log, in the node's order: ack, deliver, place, change."""
+        self.batches_in += 1
+        self.items_in += len(items)
         touched = self._touched
         slow: list[Session] = []
         inflight = self._inflight
@@ -730,6 +735,8 @@ class Shard:
             "connections": self.registry.count,
             "users": self.registry.users,
             "frames_in": self.frames_in,
+            "batches_in": self.batches_in,
+            "items_in": self.items_in,
             "deliveries": self.fanout.delivered,
             "closes": dict(self.closes),
             "auth_failures": self.auth_failures,

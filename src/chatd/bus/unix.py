@@ -125,6 +125,8 @@ class _LogConn(_Framed):
         super().__init__()
         self.server = server
         self.port_id = 0
+        #: the shard index its Hello gave (-1: a control client)
+        self.shard = -1
 
     def on_frame(self, payload: bytes) -> None:
         node_log = self.server.log
@@ -137,6 +139,7 @@ class _LogConn(_Framed):
         elif isinstance(msg, Offline):
             node_log.offline(self.port_id, msg.uid)
         elif isinstance(msg, Hello):
+            self.shard = msg.shard
             self.port_id, welcome = node_log.attach(self)
             self._write(encode(welcome))
             log.info("shard %d connected (port %d)", msg.shard, self.port_id)
