@@ -105,7 +105,9 @@ class AdminServer:
         if cmd == "drain":
             index = request["index"]
             if not await sup.retire_shard(int(index)):
-                raise AdminError(f"no shard {index} to drain (or it is the last one)")
+                raise AdminError(
+                    f"no shard {index} to drain (or it is the last one, or it runs the log)"
+                )
             return {"drained": int(index), "shards": [c.index for c in sup.shards()]}
         if cmd == "online":
             uid = int(request["uid"])

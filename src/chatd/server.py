@@ -222,18 +222,39 @@ def log_main(cfg: Config, index: int, conn: Connection) -> None:
 
 async def run_shard(cfg: Config, index: int, conn: Connection) -> int:
     """A shard process: serve the chat port until told to drain (1001) or to
-    retire (1012: the node sheds this shard; its clients reconnect to others)."""
+    retire (1012: the node sheds this shard; its clients reconnect to others).
+
+    Shard 0 of a node whose log runs inside it (``log_process``) also opens the
+    store for writing, runs the log in its loop (``bus.local`` for itself) and
+    serves it on ``log.sock`` to the other shards and the API worker.
+    """
     stop = asyncio.Event()
     close_code: list[Any] = [CLOSE_GOING_AWAY, "server going away"]
     _child_signals(stop)
     secret = auth.load_or_create_secret(cfg.data_path)
-    reader = await open_store(cfg.db_path, writable=False)
-    checker = auth.TokenChecker(secret, await reader.token_versions())
-    checker.banned = set(await reader.banned_users())
-    shard = Shard(cfg, reader, checker, index)
-    bus = UnixLogLink(log_socket(cfg), index, shard)
-    await shard.start(bus)
-    bus.start()
+    hosts_log = index == 0 and cfg.log_in_shard
+    node_log: Log | None = None
+    server: LogServer | None = None
+    if hosts_log:
+        store = await open_store(cfg.db_path, synchronous=cfg.db_synchronous)
+        node_log = Log(store, batch_max=cfg.batch_max, queue_max=cfg.queue_max)
+        await node_log.start()
+        server = LogServer(node_log, log_socket(cfg))
+        await server.start()
+    else:
+        store = await open_store(cfg.db_path, writable=False)
+    checker = auth.TokenChecker(secret, await store.token_versions())
+    checker.banned = set(await store.banned_users())
+    shard = Shard(cfg, store, checker, index)
+    bus: LocalLink | UnixLogLink
+    if node_log is not None:
+        bus = LocalLink(node_log, shard)
+        await shard.start(bus)
+        bus.connect()
+    else:
+        bus = UnixLogLink(log_socket(cfg), index, shard)
+        await shard.start(bus)
+        bus.start()
 
     def on_message(verb: str, payload: Any) -> None:
         if verb == "drain":
@@ -249,17 +270,31 @@ async def run_shard(cfg: Config, index: int, conn: Connection) -> int:
 
     link = Link(conn, on_message, stop.set)
     link.start()
-    if not await bus.wait_up(READY_WAIT_S):
+    if isinstance(bus, UnixLogLink) and not await bus.wait_up(READY_WAIT_S):
         log.warning("shard %d: the log has not answered yet; serving, submissions wait", index)
     link.send("ready", {"port": shard.port})
-    log.info("shard %d serving on port %d", index, shard.port)
-    reporter = asyncio.get_running_loop().create_task(_report(link, shard.figures))
+    log.info("shard %d serving on port %d%s", index, shard.port,
+             " (with the node's log)" if hosts_log else "")
+
+    def figures() -> dict[str, Any]:
+        out = shard.figures()
+        if node_log is not None:
+            out.update(node_log.figures())
+        return out
+
+    reporter = asyncio.get_running_loop().create_task(_report(link, figures))
     await stop.wait()
     reporter.cancel()
     log.info("shard %d draining: %d connections", index, shard.registry.count)
     await shard.drain(cfg.drain_timeout_s, int(close_code[0]), str(close_code[1]))
     await bus.close()
-    await reader.close()
+    if node_log is not None and server is not None:
+        try:
+            await asyncio.wait_for(node_log.close(), cfg.drain_timeout_s)
+        except TimeoutError:
+            log.error("log: %d queued messages not committed in time", node_log.queued)
+        await server.close()
+    await store.close()
     link.close()
     log.info("shard %d stopped", index)
     return 0

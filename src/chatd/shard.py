@@ -300,6 +300,7 @@ class Shard:
         self.draining = False
         self.port = 0
         self._server: asyncio.Server | None = None
+        self._direct: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._answered: asyncio.Event | None = None
         # figures
@@ -334,19 +335,25 @@ class Shard:
                 "reuse_port": True,
             }
         )
-        self._server = await ws_create_server(
+        self._server = await self._listen(**kwargs)
+        self.port = self._server.sockets[0].getsockname()[1]
+        if cfg.shard_base_port:
+            # this shard alone, for diagnostics and placement (no SO_REUSEPORT)
+            self._direct = await self._listen(host=cfg.host, port=cfg.shard_base_port + self.index)
+        self.spawn(self._sweep())
+
+    async def _listen(self, **where: Any) -> asyncio.Server:
+        return await ws_create_server(
             self.route,
             backlog=4096,
-            max_frame_size=cfg.max_frame_bytes,
+            max_frame_size=self.cfg.max_frame_bytes,
             read_buffer_init_size=256,
             use_aiofastnet=False,
             enable_auto_pong=True,
             websocket_handshake_timeout=10,
             logger_name=_WS_LOG,
-            **kwargs,
+            **where,
         )
-        self.port = self._server.sockets[0].getsockname()[1]
-        self.spawn(self._sweep())
 
     def preview_of(self, url: str) -> str:
         """The preview url of an uploaded image ``url`` ("" if none).
@@ -688,8 +695,9 @@ class Shard:
         Bounded by ``timeout_s``: connections still open then are aborted.
         """
         self.draining = True
-        if self._server is not None:
-            self._server.close()
+        for server in (self._server, self._direct):
+            if server is not None:
+                server.close()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         try:

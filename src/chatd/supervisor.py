@@ -262,6 +262,9 @@ class Supervisor:
             child.status = {}
             self._spawn(child)
 
+    def _hosts_log(self, child: Child) -> bool:
+        return child.role == SHARD and child.index == 0 and self._child_cfg.log_in_shard
+
     def of_role(self, role: str) -> list[Child]:
         return [c for c in self.children if c.role == role]
 
@@ -284,7 +287,7 @@ class Supervisor:
         False if there is no such shard or it is the last one."""
         serving = self.shards()
         child = next((c for c in serving if c.index == index), None)
-        if child is None or len(serving) <= 1:
+        if child is None or len(serving) <= 1 or self._hosts_log(child):
             return False
         child.retired = True
         if child.link is not None:
@@ -299,7 +302,8 @@ class Supervisor:
             raise ValueError(f"a node runs 1 to {MAX_SHARDS} shards")
         while len(self.shards()) < n:
             await self.add_shard()
-        extra = self.shards()[n:]
+        # the highest indexes go first; a shard that runs the log stays
+        extra = [c for c in self.shards() if not self._hosts_log(c)][::-1][: len(self.shards()) - n]
         for child in extra:
             await self.retire_shard(child.index, wait=False)
         for child in extra:
@@ -346,11 +350,12 @@ class Supervisor:
         admin = AdminServer(self, cfg.run_path / "admin.sock")
         await admin.start()
         # the log first: the shards and the API worker connect to it
-        self._new_child(LOG, 0)
-        started = await self._until_ready(self.of_role(LOG))
+        first = self._new_child(SHARD, 0) if cfg.log_in_shard else self._new_child(LOG, 0)
+        started = await self._until_ready([first])
         if started:
             for index in range(cfg.shard_count):
-                self._new_child(SHARD, index)
+                if not (cfg.log_in_shard and index == 0):
+                    self._new_child(SHARD, index)
             if API in self._mains:
                 self._new_child(API, 0)
             started = await self._until_ready(self.children)
@@ -437,8 +442,14 @@ class Supervisor:
         self.draining = True
         self._stop.set()
         deadline = asyncio.get_running_loop().time() + self._child_cfg.drain_timeout_s + 5
-        for role in (SHARD, API, LOG):
-            group = self.of_role(role)
+        shards = self.of_role(SHARD)
+        # shards first, the API worker, then the log (or the shard that runs it)
+        groups = [
+            [c for c in shards if not self._hosts_log(c)],
+            self.of_role(API),
+            [*self.of_role(LOG), *(c for c in shards if self._hosts_log(c))],
+        ]
+        for group in groups:
             for child in group:
                 if child.link is not None:
                     child.link.send("drain")
@@ -487,8 +498,7 @@ class Supervisor:
                     child.link.send("metrics", snapshot)
             shards = self.of_role(SHARD)
             conns = sum(int(c.status.get("connections", 0)) for c in shards)
-            logs = self.of_role(LOG)
-            messages = sum(int(c.status.get("committed", 0)) for c in logs)
+            messages = sum(int(c.status.get("committed", 0)) for c in self.children)
             log_up = all(bool(c.status.get("log_up", True)) for c in shards)
             notify(
                 f"STATUS={conns} connections on {len(self.shards())} shards, {messages} messages"

@@ -138,3 +138,28 @@ async def test_scale_up_drain_and_scale_down_under_traffic_loses_nothing(
     assert [s["index"] for s in listed] == shrunk["shards"]
     server.signal(signal.SIGTERM)
     assert await server.wait() == 0
+
+
+@pytest.mark.slow
+async def test_one_shard_running_the_log_scales_out_and_back_under_traffic(
+        tmp_path: Path, server_procs: list[ServerProcess]) -> None:
+    """With one shard the log runs inside it (no hop between processes); more
+    shards added at run time reach it over its socket; it is never retired."""
+    data = tmp_path / "data"
+    server = await _start(server_procs, data, 1)
+    assert "log-0" not in "".join(server.lines)
+    assert "with the node's log" in "".join(server.lines)
+    sender, receiver, stop, receiving = await _traffic(server, data)
+    sending = asyncio.ensure_future(sender.run())
+    loop = asyncio.get_running_loop()
+    await _until(lambda: len(sender.acked) > N // 4)
+    grown = await loop.run_in_executor(None, server.admin, "shards", "scale", "2")
+    assert grown["shards"] == [0, 1]
+    refused = run_cli("admin", "shards", "drain", "0", data_dir=data, check=False)
+    assert refused.returncode == 1 and "runs the log" in refused.stderr
+    await _until(lambda: len(sender.acked) > N // 2)
+    shrunk = await loop.run_in_executor(None, server.admin, "shards", "scale", "1")
+    assert shrunk["shards"] == [0]
+    await _finish(sending, sender, receiver, stop, receiving)
+    server.signal(signal.SIGTERM)
+    assert await server.wait() == 0

@@ -38,6 +38,7 @@ from chatd.bus import LogListener
 from chatd.bus.frames import (
     AnyItem,
     Batch,
+    Burst,
     Call,
     Hello,
     Offline,
@@ -131,13 +132,19 @@ class _LogConn(_Framed):
     def on_frame(self, payload: bytes) -> None:
         node_log = self.server.log
         msg = decode_up(payload)
-        if isinstance(msg, Submit):
-            if not node_log.submit(self.port_id, msg.seq, msg.msg):
-                self.send([Refused(msg.seq, ERR_BUSY, "server busy, retry later")], node_log.hw)
-        elif isinstance(msg, Online):
-            node_log.online(self.port_id, msg.uid)
-        elif isinstance(msg, Offline):
-            node_log.offline(self.port_id, msg.uid)
+        if isinstance(msg, Burst):
+            port = self.port_id
+            refused: list[AnyItem] = []
+            for item in msg.items:
+                if isinstance(item, Submit):
+                    if not node_log.submit(port, item.seq, item.msg):
+                        refused.append(Refused(item.seq, ERR_BUSY, "server busy, retry later"))
+                elif isinstance(item, Online):
+                    node_log.online(port, item.uid)
+                else:
+                    node_log.offline(port, item.uid)
+            if refused:
+                self.send(refused, node_log.hw)
         elif isinstance(msg, Hello):
             self.shard = msg.shard
             self.port_id, welcome = node_log.attach(self)
@@ -261,7 +268,7 @@ class UnixLogLink:
         self.listener = listener
         self._conn: _ShardConn | None = None
         self._up = False
-        self._out: list[bytes] = []
+        self._out: list[Submit | Online | Offline] = []
         self._flush_soon = False
         self._task: asyncio.Task[None] | None = None
         self._first = asyncio.Event()
@@ -311,8 +318,8 @@ class UnixLogLink:
         self._first.set()
         self.listener.on_welcome(welcome)
 
-    def _send(self, payload: bytes) -> None:
-        self._out.append(frame(payload))
+    def _send(self, item: Submit | Online | Offline) -> None:
+        self._out.append(item)
         if not self._flush_soon:
             self._flush_soon = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -322,7 +329,7 @@ class UnixLogLink:
         out, self._out = self._out, []
         conn = self._conn
         if out and conn is not None and conn.transport is not None:
-            conn.transport.write(b"".join(out))
+            conn.transport.write(frame(encode(Burst(out))))
 
     def submit(self, seq: int, msg: Message) -> bool:
         conn = self._conn
@@ -330,16 +337,16 @@ class UnixLogLink:
             return False
         if conn.transport.get_write_buffer_size() > LINK_BUFFER_MAX_BYTES:
             return False
-        self._send(encode(Submit(seq, msg)))
+        self._send(Submit(seq, msg))
         return True
 
     def online(self, uid: int) -> None:
         if self._up:
-            self._send(encode(Online(uid)))
+            self._send(Online(uid))
 
     def offline(self, uid: int) -> None:
         if self._up:
-            self._send(encode(Offline(uid)))
+            self._send(Offline(uid))
 
     async def close(self) -> None:
         if self._task is not None:
