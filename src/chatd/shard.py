@@ -579,8 +579,9 @@ class Shard:
         inflight = self._inflight
         fanout = self.fanout
         for item in items:
-            if isinstance(item, Deliver):
-                fanout.deliver(item.msg, None, touched, slow)
+            kind = type(item)
+            if kind is Deliver:
+                fanout.deliver(item.msg, None, touched, slow)  # type: ignore[union-attr]
             elif isinstance(item, Acked):
                 entry = inflight.pop(item.seq, None)
                 if entry is None:

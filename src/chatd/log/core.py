@@ -341,7 +341,9 @@ class Log:
                     targets: Any = presence.ports_of(msg.dstid)
                     if msg.dstid != msg.userid:
                         mine = presence.ports_of(msg.userid)
-                        if mine:
+                        # the sender's other devices on other shards (most
+                        # senders have one device: no set to build)
+                        if mine and (len(mine) > 1 or port_id not in mine):
                             targets = {*targets, *mine}
                 else:
                     targets = presence.group_targets(msg.dstid)
