@@ -9,6 +9,7 @@ travel here: they go through the node's log (``chatd.bus``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import pickle
@@ -133,10 +134,9 @@ class Link:
             return
         self.closed = True
         if self._out:
-            try:  # what still fits goes; the rest is for a peer that is gone or stuck
+            # what still fits goes; the rest is for a peer that is gone or stuck
+            with contextlib.suppress(OSError):
                 os.write(self._fd, self._out)
-            except OSError:
-                pass
         if self._loop is not None:
             self._loop.remove_reader(self._fd)
             if self._writing:
