@@ -734,6 +734,12 @@ class Shard:
                 }
                 for sess in self.registry.get(int(args[0])) or ()
             ]
+        if what == "kick":
+            uid, code = int(args[0]), int(args[1])
+            sessions = [s for s in self.registry.get(uid) or () if s.state is not CLOSING]
+            for sess in sessions:
+                self.close(sess, code, "closed by an operator")
+            return len(sessions)
         if what == "figures":
             return self.figures()
         return None

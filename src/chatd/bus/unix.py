@@ -116,7 +116,9 @@ class _Framed(asyncio.Protocol):
 # --- the log's side ---------------------------------------------------------------
 
 #: the operations a control client may call, with the log's method for each
-_OPS: Final = ("create_group", "join_group", "leave_group", "revoke_tokens", "set_banned")
+_OPS: Final = (
+    "create_group", "join_group", "leave_group", "revoke_tokens", "set_banned", "broadcast"
+)
 
 
 class _LogConn(_Framed):
@@ -455,6 +457,9 @@ class UnixControl:
 
     async def set_banned(self, uid: int, banned: bool) -> bool:
         return bool(await self.call("set_banned", uid, banned))
+
+    async def broadcast(self, text: str, gid: int | None = None) -> int:
+        return int(await self.call("broadcast", text, gid))
 
     async def close(self) -> None:
         if self._conn is not None and self._conn.transport is not None:

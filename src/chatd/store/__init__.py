@@ -30,6 +30,11 @@ STORED: Final = 0  # a new row: deliver it
 DUPLICATE: Final = 1  # the same (userid, cid) was stored before: ack again, do not deliver
 NO_RECEIVER: Final = 2  # a private message to a user that does not exist
 
+#: the sender of system messages (``chatd admin broadcast``): no user row has it
+SYSTEM_USER: Final = 0
+#: the ``dstid`` of a private system message to every user (sync returns it to all)
+BROADCAST: Final = 0
+
 
 class Store(Protocol):
     """The operations chatd needs of a database."""

@@ -37,7 +37,7 @@ import aiosqlite
 import cachetools
 
 from chatd.errors import NotFoundError, StoreError, StoreUnavailable
-from chatd.store import DUPLICATE, NO_RECEIVER, STORED
+from chatd.store import BROADCAST, DUPLICATE, NO_RECEIVER, STORED, SYSTEM_USER
 from chatd.wire import CMD_GROUP, CMD_PRIVATE, Message
 
 log = logging.getLogger("chatd.store")
@@ -113,6 +113,9 @@ _SYNC_SQL: Final = f"""
     SELECT {_MSG_COLUMNS} FROM messages
      WHERE userid = :uid AND id > :after AND id < :before AND cmd = {CMD_PRIVATE} AND dstid != :uid
     UNION ALL
+    SELECT {_MSG_COLUMNS} FROM messages
+     WHERE cmd = {CMD_PRIVATE} AND dstid = {BROADCAST} AND id > :after AND id < :before
+    UNION ALL
     SELECT m.id, m.userid, m.cmd, m.dstid, m.media, m.content, m.pic, m.url, m.memo,
            m.amount, m.cid, m.ts
       FROM members g JOIN messages m
@@ -153,6 +156,11 @@ def _translated(fn: Callable[_P, Awaitable[_T]]) -> Callable[_P, Awaitable[_T]]:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _is_broadcast(msg: Message) -> bool:
+    """A system message to every user (``Log.broadcast``; clients cannot send one)."""
+    return msg.dstid == BROADCAST and msg.userid == SYSTEM_USER
 
 
 def row_to_message(row: Sequence[Any]) -> Message:
@@ -267,7 +275,7 @@ class SqliteStore:
         for i, msg in enumerate(batch):
             if msg.cid:
                 cids.setdefault((msg.userid, msg.cid), i)
-            if msg.cmd == CMD_PRIVATE and msg.dstid not in known:
+            if msg.cmd == CMD_PRIVATE and msg.dstid not in known and not _is_broadcast(msg):
                 unknown_dst.add(msg.dstid)
         sql = ["SELECT 0, coalesce(max(id), 0), NULL, NULL FROM messages"]
         params: list[Any] = []
@@ -316,7 +324,7 @@ class SqliteStore:
                         msg.id, msg.ts = prior
                         outcomes.append(DUPLICATE)
                         continue
-                if msg.cmd == CMD_PRIVATE and msg.dstid not in known:
+                if msg.cmd == CMD_PRIVATE and msg.dstid not in known and not _is_broadcast(msg):
                     outcomes.append(NO_RECEIVER)
                     continue
                 max_id += 1
@@ -713,3 +721,71 @@ _GROUP_COLUMNS_C: Final = ", ".join("c." + c.strip() for c in _GROUP_COLUMNS.spl
 for _name, _fn in list(vars(SqliteStore).items()):
     if not _name.startswith("_") and inspect.iscoroutinefunction(_fn):
         setattr(SqliteStore, _name, _translated(_fn))
+
+
+# --- maintenance (chatd db …): plain sqlite3, online, next to a running node ---------
+
+#: pages one step of an online backup copies before letting writers in again
+BACKUP_STEP_PAGES: Final = 1024
+
+
+def backup(path: Path, target: Path) -> int:
+    """Copy the database at ``path`` to ``target`` while the node may write it
+    (SQLite's backup API, in steps), then check the copy; its page count.
+
+    Raises ``StoreError`` if there is no database or the copy is not sound.
+    """
+    if not path.exists():
+        raise StoreError(f"no database at {path}")
+    if target.exists():
+        raise StoreError(f"{target} exists; not overwriting it")
+    try:
+        src = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        try:
+            dst = sqlite3.connect(target)
+            try:
+                src.backup(dst, pages=BACKUP_STEP_PAGES, sleep=0.005)
+                pages = int(dst.execute("PRAGMA page_count").fetchone()[0])
+            finally:
+                dst.close()
+        finally:
+            src.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"backup failed: {exc}") from None
+    problems = check(target)
+    if problems:
+        raise StoreError(f"the backup {target} is not sound: {problems[0]}")
+    return pages
+
+
+def check(path: Path) -> list[str]:
+    """``PRAGMA integrity_check`` of the database at ``path``: its problems (none: [])."""
+    if not path.exists():
+        raise StoreError(f"no database at {path}")
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        try:
+            rows = [str(r[0]) for r in db.execute("PRAGMA integrity_check")]
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"check failed: {exc}") from None
+    return [] if rows == ["ok"] else rows
+
+
+def vacuum(path: Path) -> tuple[int, int]:
+    """Rebuild the database at ``path`` (the node's writers wait while it runs);
+    its size in bytes before and after."""
+    if not path.exists():
+        raise StoreError(f"no database at {path}")
+    before = path.stat().st_size
+    try:
+        db = sqlite3.connect(path, timeout=30, isolation_level=None)
+        try:
+            db.execute("VACUUM")
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"vacuum failed: {exc}") from None
+    return before, path.stat().st_size
