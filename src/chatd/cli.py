@@ -44,6 +44,8 @@ def _config_flags(p: argparse.ArgumentParser, serving: bool) -> None:
             help="websocket port, 0 for any free one (env CHATD_CHAT_PORT)",
         )
         p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+        p.add_argument("--tls-cert", metavar="PEM", help="certificate chain (env CHATD_TLS_CERT)")
+        p.add_argument("--tls-key", metavar="PEM", help="private key (env CHATD_TLS_KEY)")
         p.add_argument(
             "--shards",
             type=int,
@@ -138,7 +140,8 @@ def _tune_check(args: argparse.Namespace) -> int:
 def _config(args: argparse.Namespace) -> Config:
     flags = {
         k: getattr(args, k, None)
-        for k in ("data_dir", "host", "chat_port", "api_port", "log_level", "shards")
+        for k in ("data_dir", "host", "chat_port", "api_port", "log_level", "shards",
+                  "tls_cert", "tls_key")
     }
     return load(args.config, flags=flags)
 
@@ -163,6 +166,9 @@ def _run(args: argparse.Namespace) -> int:
 
         return serve(cfg, reload=lambda: _config(args))
     if args.command == "check-config":
+        from chatd.tls import server_context
+
+        server_context(cfg)  # the certificate and key load
         print(
             f"config ok: chat on {cfg.host}:{cfg.chat_port} ({cfg.shard_count} shards), api on "
             f"{cfg.host}:{cfg.api_port}, data in {cfg.data_dir}"

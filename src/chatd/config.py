@@ -58,6 +58,9 @@ class Config:
     shard_base_port: _Port = 0
     #: connections one shard accepts; past it the upgrade gets 503 + Retry-After
     max_conns: _Positive = 100_000
+    #: PEM certificate chain and key: wss:// on the chat port, HTTPS on the api port
+    tls_cert: str = ""
+    tls_key: str = ""
     #: browser origins allowed to open a chat connection: empty = same-origin
     #: (the websocket's own origin or the api port's web client), "*" = any
     allowed_origins: tuple[str, ...] = ()
@@ -155,6 +158,8 @@ def _check(cfg: Config) -> Config:
             raise ConfigError(f"{key}: must be a finite number")
     if cfg.db_synchronous.upper() not in ("NORMAL", "FULL"):
         raise ConfigError("db_synchronous: must be NORMAL or FULL")
+    if bool(cfg.tls_cert) != bool(cfg.tls_key):
+        raise ConfigError("tls_cert and tls_key: give both, or neither")
     if cfg.log_process not in ("auto", "own", "shard"):
         raise ConfigError("log_process: must be auto, own or shard")
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):

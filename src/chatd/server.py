@@ -23,6 +23,7 @@ import asyncio
 import ctypes
 import logging
 import signal
+import ssl
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,13 +33,13 @@ from typing import Any, Final
 
 import uvloop
 
-from chatd import auth
+from chatd import auth, tls
 from chatd.bus import LogLink
 from chatd.bus.local import LocalLink
 from chatd.bus.unix import LogServer, UnixControl, UnixLogLink
 from chatd.config import Config
 from chatd.control import Link
-from chatd.errors import StoreUnavailable
+from chatd.errors import ConfigError, StoreUnavailable
 from chatd.log import Log
 from chatd.shard import Shard
 from chatd.store import Store, open_store
@@ -161,6 +162,18 @@ def _child_signals(stop: asyncio.Event) -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
+def _reload_tls(context: ssl.SSLContext | None, cfg: Config) -> None:
+    """SIGHUP: the certificate files again, for the handshakes from now on."""
+    if context is None:
+        return
+    try:
+        tls.reload(context, cfg)
+    except ConfigError as exc:
+        log.error("TLS reload refused, the running certificate stays: %s", exc)
+        return
+    log.info("TLS certificate reloaded from %s", cfg.tls_cert)
+
+
 def _set_log_level(level: str) -> None:
     logging.getLogger().setLevel(level.upper())
 
@@ -246,14 +259,15 @@ async def run_shard(cfg: Config, index: int, conn: Connection) -> int:
     checker = auth.TokenChecker(secret, await store.token_versions())
     checker.banned = set(await store.banned_users())
     shard = Shard(cfg, store, checker, index)
+    tls_context = tls.server_context(cfg)
     bus: LocalLink | UnixLogLink
     if node_log is not None:
         bus = LocalLink(node_log, shard)
-        await shard.start(bus)
+        await shard.start(bus, tls=tls_context)
         bus.connect()
     else:
         bus = UnixLogLink(log_socket(cfg), index, shard)
-        await shard.start(bus)
+        await shard.start(bus, tls=tls_context)
         bus.start()
 
     def on_message(verb: str, payload: Any) -> None:
@@ -265,6 +279,8 @@ async def run_shard(cfg: Config, index: int, conn: Connection) -> int:
         elif verb == "ask":
             req, what, args = payload
             link.send("answer", (req, shard.answer(what, args)))
+        elif verb == "reload_tls":
+            _reload_tls(tls_context, cfg)
         elif verb == "log_level":
             _set_log_level(payload)
 
@@ -326,11 +342,15 @@ async def run_api(cfg: Config, index: int, conn: Connection) -> int:
     app = make_app(cfg, store, secret, control)
     ctx = app[CTX]
 
+    tls_context = tls.server_context(cfg)
+
     def on_message(verb: str, payload: Any) -> None:
         if verb == "drain":
             stop.set()
         elif verb == "metrics":
             ctx.metrics = payload
+        elif verb == "reload_tls":
+            _reload_tls(tls_context, cfg)
         elif verb == "log_level":
             _set_log_level(payload)
 
@@ -342,7 +362,8 @@ async def run_api(cfg: Config, index: int, conn: Connection) -> int:
         shutdown_timeout=cfg.drain_timeout_s / 2,
     )
     await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.api_port, reuse_port=True, backlog=1024)
+    site = web.TCPSite(runner, cfg.host, cfg.api_port, reuse_port=True, backlog=1024,
+                       ssl_context=tls_context)
     await site.start()
     link.send("ready", {"port": cfg.api_port})
     log.info("api %d serving on port %d", index, cfg.api_port)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 import time
 from typing import Any, Final
 from urllib.parse import parse_qs
@@ -301,6 +302,7 @@ class Shard:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._direct: asyncio.Server | None = None
+        self._tls: ssl.SSLContext | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._answered: asyncio.Event | None = None
         # figures
@@ -322,10 +324,13 @@ class Shard:
         if not task.cancelled() and task.exception() is not None:
             log.error("task failed", exc_info=task.exception())
 
-    async def start(self, link: LogLink, sock: Any = None, port: int | None = None) -> None:
-        """Listen on the chat port (SO_REUSEPORT) with ``link`` to the node's log."""
+    async def start(self, link: LogLink, sock: Any = None, port: int | None = None,
+                    tls: ssl.SSLContext | None = None) -> None:
+        """Listen on the chat port (SO_REUSEPORT) with ``link`` to the node's log
+        (``tls``: wss://)."""
         cfg = self.cfg
         self.link = link
+        self._tls = tls
         kwargs: dict[str, Any] = (
             {"sock": sock}
             if sock is not None
@@ -352,6 +357,7 @@ class Shard:
             enable_auto_pong=True,
             websocket_handshake_timeout=10,
             logger_name=_WS_LOG,
+            ssl=self._tls,
             **where,
         )
 

@@ -40,7 +40,7 @@ from typing import Any, Final
 
 import psutil
 
-from chatd import auth
+from chatd import auth, tls
 from chatd.config import Config
 from chatd.control import Link
 from chatd.errors import ConfigError
@@ -126,6 +126,7 @@ class Supervisor:
         free port": the supervisor picks it so that every child binds the same).
         """
         cfg = self.cfg
+        tls.server_context(cfg)  # a certificate that does not load fails here, once
         cfg.data_path.mkdir(parents=True, exist_ok=True)
         auth.load_or_create_secret(cfg.data_path)
         store = await open_store(cfg.db_path, synchronous=cfg.db_synchronous)
@@ -431,6 +432,11 @@ class Supervisor:
             changed.remove("log_level")
             self.cfg = replace(self.cfg, log_level=new.log_level)
             log.warning("reload: log_level is now %s", new.log_level)
+        if self.cfg.tls_cert:
+            # renewed certificate files: every child reads them again
+            for child in self.children:
+                if child.role in (SHARD, API) and child.link is not None:
+                    child.link.send("reload_tls")
         if changed:
             log.warning("reload: %s changed; that takes a restart", ", ".join(changed))
         else:
