@@ -222,6 +222,8 @@ class Conn(WSListener):
         if not sess.allow(_monotonic()):
             shard.close(sess, CLOSE_RATE_LIMITED, "rate limited")
             return
+        shard.frames_in += 1
+        shard.bytes_in += len(data)
         sess.binary = binary
         try:
             msg = decode_msgpack(data) if binary else decode_json(data)
@@ -307,6 +309,9 @@ class Shard:
         self._answered: asyncio.Event | None = None
         # figures
         self.frames_in = 0
+        #: message payload bytes read, frame bytes written
+        self.bytes_in = 0
+        self.bytes_out = 0
         #: batches and items the log sent here (targeted routing shows in them)
         self.batches_in = 0
         self.items_in = 0
@@ -466,7 +471,6 @@ class Shard:
 
     def handle(self, sess: Session, msg: Message) -> None:
         """Act on one valid client frame."""
-        self.frames_in += 1
         verdict = sess.accept(msg, self.hw)
         if verdict is Verdict.SUBMIT:
             if msg.media == MEDIA_IMAGE and not msg.pic:
@@ -513,6 +517,7 @@ class Shard:
         conn = sess.conn
         data = sess.take_out()
         if data is not None and not conn.tr.is_disconnected:
+            self.bytes_out += len(data)
             conn.write(data)
         if sess.close_frame is not None:
             code, reason = sess.close_frame
@@ -756,6 +761,8 @@ class Shard:
             "connections": self.registry.count,
             "users": self.registry.users,
             "frames_in": self.frames_in,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
             "batches_in": self.batches_in,
             "items_in": self.items_in,
             "deliveries": self.fanout.delivered,
