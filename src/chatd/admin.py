@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from chatd.bus.unix import UnixControl
 from chatd.errors import ChatdError, NotFoundError, StoreError
-from chatd.store import Store, open_store
+from chatd.store import Store, UserRecord, open_store
 from chatd.wire import CLOSE_KICKED, MAX_CONTENT_CHARS
 
 if TYPE_CHECKING:
@@ -187,8 +187,8 @@ class AdminServer:
         finally:
             await store.close()
         online = await self.handle({"cmd": "online", "uid": uid})
-        return {**_public(user), "token_version": user["token_version"],
-                "banned": bool(user["banned"]), "groups": [g["id"] for g in groups],
+        return {**_public(user), "token_version": user.token_version,
+                "banned": bool(user.banned), "groups": [g.id for g in groups],
                 "online": online}
 
     def _control(self) -> UnixControl:
@@ -212,9 +212,10 @@ class AdminServer:
         }
 
 
-def _public(user: dict[str, Any]) -> dict[str, Any]:
-    """A user row without its password hash."""
-    return {k: user[k] for k in ("id", "mobile", "nickname", "avatar", "sex", "created_ms")}
+def _public(user: UserRecord) -> dict[str, Any]:
+    """A user without its password hash."""
+    return {k: getattr(user, k) for k in ("id", "mobile", "nickname", "avatar", "sex",
+                                          "created_ms")}
 
 
 class AdminClient:

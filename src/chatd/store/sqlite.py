@@ -37,7 +37,15 @@ import aiosqlite
 import cachetools
 
 from chatd.errors import NotFoundError, StoreError, StoreUnavailable
-from chatd.store import BROADCAST, DUPLICATE, NO_RECEIVER, STORED, SYSTEM_USER
+from chatd.store import (
+    BROADCAST,
+    DUPLICATE,
+    NO_RECEIVER,
+    STORED,
+    SYSTEM_USER,
+    GroupRecord,
+    UserRecord,
+)
 from chatd.wire import CMD_GROUP, CMD_PRIVATE, Message
 
 log = logging.getLogger("chatd.store")
@@ -134,6 +142,7 @@ _TRANSIENT: Final = frozenset(
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
+_R = TypeVar("_R", UserRecord, GroupRecord)
 
 
 def _translated(fn: Callable[_P, Awaitable[_T]]) -> Callable[_P, Awaitable[_T]]:
@@ -497,13 +506,15 @@ class SqliteStore:
             except StoreError:
                 return None
 
-    async def user_by_mobile(self, mobile: str) -> dict[str, Any] | None:
-        """The user row (password hash included) with this mobile number, or None."""
-        return await self._one(f"SELECT {_USER_COLUMNS} FROM users WHERE mobile = ?", (mobile,))
+    async def user_by_mobile(self, mobile: str) -> UserRecord | None:
+        """The user (password hash included) with this mobile number, or None."""
+        row = await self._one(f"SELECT {_USER_COLUMNS} FROM users WHERE mobile = ?", (mobile,))
+        return None if row is None else UserRecord(*row)
 
-    async def user_by_id(self, uid: int) -> dict[str, Any] | None:
-        """The user row (password hash included) with this id, or None."""
-        return await self._one(f"SELECT {_USER_COLUMNS} FROM users WHERE id = ?", (uid,))
+    async def user_by_id(self, uid: int) -> UserRecord | None:
+        """The user (password hash included) with this id, or None."""
+        row = await self._one(f"SELECT {_USER_COLUMNS} FROM users WHERE id = ?", (uid,))
+        return None if row is None else UserRecord(*row)
 
     async def bump_token_version(self, uid: int) -> int:
         """Void every token of ``uid`` issued so far; the new token version."""
@@ -545,9 +556,9 @@ class SqliteStore:
                 raise
         return added
 
-    async def friends(self, uid: int) -> list[dict[str, Any]]:
-        """The friends of ``uid`` (user rows), oldest friendship first."""
-        return await self._all(
+    async def friends(self, uid: int) -> list[UserRecord]:
+        """The friends of ``uid``, oldest friendship first."""
+        return await self._all(UserRecord,
             f"SELECT {_USER_COLUMNS_U} FROM friends f JOIN users u ON u.id = f.dstid "
             "WHERE f.ownerid = ? ORDER BY f.created_ms, u.id",
             (uid,),
@@ -595,21 +606,22 @@ class SqliteStore:
             )
             return cur.rowcount > 0
 
-    async def group_by_id(self, gid: int) -> dict[str, Any] | None:
-        """The communities row of ``gid``, or None."""
-        return await self._one(f"SELECT {_GROUP_COLUMNS} FROM communities WHERE id = ?", (gid,))
+    async def group_by_id(self, gid: int) -> GroupRecord | None:
+        """The group ``gid``, or None."""
+        row = await self._one(f"SELECT {_GROUP_COLUMNS} FROM communities WHERE id = ?", (gid,))
+        return None if row is None else GroupRecord(*row)
 
-    async def groups_of(self, uid: int) -> list[dict[str, Any]]:
+    async def groups_of(self, uid: int) -> list[GroupRecord]:
         """The groups ``uid`` is a member of, in the order joined."""
-        return await self._all(
+        return await self._all(GroupRecord,
             f"SELECT {_GROUP_COLUMNS_C} FROM members m JOIN communities c ON c.id = m.gid "
             "WHERE m.uid = ? ORDER BY m.created_ms, c.id",
             (uid,),
         )
 
-    async def members_of(self, gid: int) -> list[dict[str, Any]]:
-        """The members of ``gid`` (user rows), in the order they joined."""
-        return await self._all(
+    async def members_of(self, gid: int) -> list[UserRecord]:
+        """The members of ``gid``, in the order they joined."""
+        return await self._all(UserRecord,
             f"SELECT {_USER_COLUMNS_U} FROM members m JOIN users u ON u.id = m.uid "
             "WHERE m.gid = ? ORDER BY m.created_ms, u.id",
             (gid,),
@@ -659,17 +671,14 @@ class SqliteStore:
             rows = [row_to_message(r) for r in await cur.fetchall()]
         return rows[::-1] if newest else rows
 
-    async def _one(self, sql: str, params: Sequence[Any]) -> dict[str, Any] | None:
+    async def _one(self, sql: str, params: Sequence[Any]) -> Sequence[Any] | None:
         async with self._r.execute(sql, params) as cur:
             row = await cur.fetchone()
-            if row is None:
-                return None
-            return dict(zip([d[0] for d in cur.description], row, strict=True))
+        return None if row is None else tuple(row)
 
-    async def _all(self, sql: str, params: Sequence[Any]) -> list[dict[str, Any]]:
-        async with self._r.execute(sql, params) as cur:
-            names = [d[0] for d in cur.description]
-            return [dict(zip(names, r, strict=True)) for r in await cur.fetchall()]
+    async def _all(self, kind: type[_R], sql: str, params: Sequence[Any]) -> list[_R]:
+        rows = await self._r.execute_fetchall(sql, params)
+        return [kind(*row) for row in rows]
 
 
 async def _exists(db: aiosqlite.Connection, table: str, row_id: int) -> bool:
