@@ -218,11 +218,20 @@ def _public(user: UserRecord) -> dict[str, Any]:
                                           "created_ms")}
 
 
+#: where the systemd unit's RuntimeDirectory puts the sockets
+SYSTEMD_RUN_DIR: Final = Path("/run/chatd")
+
+
 class AdminClient:
-    """``chatd admin``'s end: one request, one answer."""
+    """``chatd admin``'s end: one request, one answer.
+
+    The socket is the configured one; when that does not exist, the systemd
+    unit's (``/run/chatd``), so that an operator's shell finds the service.
+    """
 
     def __init__(self, path: Path, timeout_s: float = 60.0) -> None:
-        self.path = path
+        fallback = SYSTEMD_RUN_DIR / path.name
+        self.path = path if path.exists() or not fallback.exists() else fallback
         self.timeout_s = timeout_s
 
     async def request(self, **request: Any) -> Any:

@@ -57,8 +57,9 @@ def add_parsers(sub: Any, config_flags: Flags) -> None:
     group.add_argument("group_action", choices=("members",))
     group.add_argument("gid", type=int)
     stats = flags(acts.add_parser("stats", help="per process and for the node: what it does"))
-    stats.add_argument("--interval", type=float, default=1.0,
-                       help="seconds between the two looks the rates come from (default 1)")
+    stats.add_argument("--interval", type=float, default=2.5,
+                       help="seconds between the two looks the rates come from (default 2.5; "
+                            "processes report every 2 s)")
 
     db = sub.add_parser("db", help="the database file: backup, check, vacuum")
     db_acts = db.add_subparsers(dest="action", required=True)
@@ -98,10 +99,20 @@ def run_admin(cfg: Config, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data, indent=2, sort_keys=True))
     elif isinstance(data, list):
-        print(table(data) if data else "(none)")
+        print(table([_readable(row) for row in data]) if data else "(none)")
     else:
         print("\n".join(f"{k}: {v}" for k, v in data.items()))
     return 0
+
+
+def _readable(row: dict[str, Any]) -> dict[str, Any]:
+    """A row for people: wall times as local ISO times."""
+    out = dict(row)
+    for key in ("since", "created_ms"):
+        if isinstance(out.get(key), int | float):
+            seconds = out[key] / 1000 if key.endswith("_ms") else out[key]
+            out[key] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
+    return out
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -135,10 +146,12 @@ async def _stats(client: AdminClient, interval_s: float) -> dict[str, Any]:
             "connections": status.get("connections", ""),
             "users": status.get("users", ""),
         }
+        # over the two reports' own times (they come every 2 s, not when we look)
+        span = status.get("at", 0.0) - old.get("at", 0.0)
         for key in _RATES:
             if key in status:
-                # children report every 2 s: a rate over one look can be 0 by chance
-                row[f"{key}/s"] = round((status[key] - old.get(key, status[key])) / elapsed, 1)
+                row[f"{key}/s"] = (round((status[key] - old.get(key, 0)) / span, 1)
+                                   if span > 0 and key in old else "")
         row["slow_closes"] = closes.get(4009, closes.get("4009", 0))
         row["flood_closes"] = closes.get(4008, closes.get("4008", 0))
         if "queued" in status:
@@ -156,7 +169,7 @@ async def _stats(client: AdminClient, interval_s: float) -> dict[str, Any]:
         "rss_mb": round(sum(r["rss_mb"] for r in rows), 1),
     }
     for key in _RATES:
-        node[f"{key}/s"] = round(sum(r.get(f"{key}/s", 0) for r in rows), 1)
+        node[f"{key}/s"] = round(sum(r.get(f"{key}/s") or 0 for r in rows), 1)
     return {"processes": rows, "node": node, "interval_s": round(elapsed, 2)}
 
 

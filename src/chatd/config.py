@@ -76,6 +76,9 @@ class Config:
     slow_consumer_bytes: _Positive = 262_144
     #: SIGTERM: time to commit queued messages and close clients before exiting
     drain_timeout_s: _PositiveFloat = 10.0
+    #: a child process whose loop has not reported for this long is stuck: the
+    #: supervisor kills it (and restarts it)
+    stuck_after_s: _PositiveFloat = 20.0
     #: messages per page when a client syncs
     sync_page: _Positive = 500
     #: most messages in one store transaction
@@ -153,7 +156,7 @@ def _coerce(key: str, value: Any, from_text: bool) -> Any:
 
 def _check(cfg: Config) -> Config:
     """The rules that the field types cannot say."""
-    for key in ("rate_per_s", "idle_timeout_s", "drain_timeout_s"):
+    for key in ("rate_per_s", "idle_timeout_s", "drain_timeout_s", "stuck_after_s"):
         if not math.isfinite(getattr(cfg, key)):
             raise ConfigError(f"{key}: must be a finite number")
     if cfg.db_synchronous.upper() not in ("NORMAL", "FULL"):

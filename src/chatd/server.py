@@ -25,6 +25,7 @@ import logging
 import signal
 import ssl
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -180,7 +181,8 @@ def _set_log_level(level: str) -> None:
 
 async def _report(link: Link, status: Callable[[], dict[str, Any]]) -> None:
     while True:
-        link.send("status", status())
+        # "at" (CLOCK_MONOTONIC, one clock for every process) makes rates exact
+        link.send("status", {**status(), "at": time.monotonic()})
         await asyncio.sleep(STATUS_PERIOD_S)
 
 
@@ -367,7 +369,10 @@ async def run_api(cfg: Config, index: int, conn: Connection) -> int:
     await site.start()
     link.send("ready", {"port": cfg.api_port})
     log.info("api %d serving on port %d", index, cfg.api_port)
+    # its loop turns: the supervisor's stuck-child check hears it
+    reporter = asyncio.get_running_loop().create_task(_report(link, dict))
     await stop.wait()
+    reporter.cancel()
     await runner.cleanup()
     await control.close()
     await store.close()

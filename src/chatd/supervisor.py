@@ -83,6 +83,8 @@ class Child:
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     restarts: int = 0
     status: dict[str, Any] = field(default_factory=dict)
+    #: when the last status came (its loop turns; monotonic seconds)
+    reported_at: float = 0.0
     #: retired (admin drain / scale down): not restarted, removed once gone
     retired: bool = False
     watcher: asyncio.Task[None] | None = None
@@ -184,7 +186,7 @@ class Supervisor:
         proc.start()
         child_end.close()
         child.proc = proc
-        child.started_at = time.monotonic()
+        child.started_at = child.reported_at = time.monotonic()
         child.ready.clear()
         child.exited.clear()
         child.link = Link(
@@ -198,6 +200,7 @@ class Supervisor:
             child.ready.set()
         elif verb == "status":
             child.status = payload
+            child.reported_at = time.monotonic()
         elif verb == "answer":
             req, value = payload
             future = self._asks.pop(req, None)
@@ -494,10 +497,26 @@ class Supervisor:
             children.append(entry)
         return {"children": children}
 
+    def _kill_stuck(self) -> None:
+        """Kill a child whose loop stopped turning (no status for ``stuck_after_s``);
+        its watcher restarts it. A child that is starting has not reported yet."""
+        now = time.monotonic()
+        limit = self._child_cfg.stuck_after_s
+        for child in self.children:
+            proc = child.proc
+            if (proc is None or child.exited.is_set() or not child.ready.is_set()
+                    or now - child.reported_at < limit):
+                continue
+            log.error("%s has not reported for %.0f s: its loop is stuck; killing it",
+                      child.name, now - child.reported_at)
+            child.reported_at = now  # once per stuck spell
+            proc.kill()
+
     async def _report_status(self) -> None:
         watchdog = watchdog_interval_s()
         period = min(watchdog, METRICS_PERIOD_S) if watchdog else METRICS_PERIOD_S
         while True:
+            self._kill_stuck()
             snapshot = self.snapshot()
             for child in self.of_role(API):
                 if child.link is not None:

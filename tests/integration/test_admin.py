@@ -126,10 +126,21 @@ async def test_group_members_and_stats(admin: Admin) -> None:
     assert "no group 999" in await admin.fails("group", "members", "999")
     client = await connect(admin.url(1))
     await send_acked(client, 3, 5)
-    stats = await admin.ok("stats", "--interval", "0.2")
+
+    async def traffic() -> None:  # messages flowing while stats looks twice
+        for i in range(60):
+            await send_acked(client, 3, 5, prefix=f"t{i}-")
+            await asyncio.sleep(0.05)
+
+    flowing = asyncio.ensure_future(traffic())
+    stats = await admin.ok("stats", "--interval", "2.5")
+    await flowing
     names = sorted(p["process"] for p in stats["processes"])
     assert names == ["api-0", "log-0", "shard-0", "shard-1"]
     assert stats["node"]["rss_mb"] > 0
+    [log_row] = [p for p in stats["processes"] if p["process"] == "log-0"]
+    assert log_row["committed/s"] > 0 and log_row["queue"] == 0
+    assert stats["node"]["frames_in/s"] > 0
     loop = asyncio.get_running_loop()
     text = await loop.run_in_executor(None, lambda: run_cli(
         "admin", "stats", "--interval", "0.2", data_dir=admin.data).stdout)
