@@ -51,5 +51,14 @@ async def test_debug_logs_carry_no_token_or_password(tmp_path: Path,
     assert "token=" not in text
     # one line per event: every line starts like the format says (tracebacks
     # would be continuation lines; there must be none here)
-    bad = [line for line in server.lines if line.strip() and not LINE.match(line)]
+    bad, skip = [], False
+    for line in server.lines:
+        if "CoverageWarning" in line:  # the suite's coverage tool, not chatd
+            skip = True
+            continue
+        if skip and line.startswith(" "):
+            continue
+        skip = False
+        if line.strip() and not LINE.match(line):
+            bad.append(line)
     assert bad == [], bad[:5]
