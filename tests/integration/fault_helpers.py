@@ -541,16 +541,23 @@ def check_devices(devices: list[Device], db: Path) -> dict[str, int]:
                 twice += 1
             if mid not in ids:
                 acked_not_stored += 1
+                print(f"ACKED NOT STORED on {d.name}: {cid} -> {mid}, rows {ids}")
     own = {(d.uid, f"{d.name}-") for d in devices}
     for (uid, cid), ids in rows.items():
         if any(uid == u and cid.startswith(prefix) for u, prefix in own):
             stored += len(ids)
     lost = 0
     foreign = 0
+    by_id = {r[0]: r for r in store_rows(db)}
     for d in devices:
         want = store_view(db, d.uid)
-        lost += len(want - d.view)
+        missing = want - d.view
+        lost += len(missing)
         foreign += len(d.view - want)
+        for mid in sorted(missing):
+            # shown when a test fails: which device, which row, what it saw around it
+            print(f"LOST on {d.name} (uid {d.uid}): row {by_id.get(mid)}; "
+                  f"top {d.top}, closes {d.closes}, connects {d.connects}")
     return {
         "sent": sent,
         "acked": acked,

@@ -6,8 +6,12 @@ import asyncio
 import json
 
 import msgspec
+import pytest
 from conftest import UNIT, Client, Node, connect, connect_typed, send_acked, sync_all
 from websockets.asyncio.client import connect as ws_connect
+
+# every test here on one shard and on two (users on different shards)
+pytestmark = pytest.mark.layouts("1", "2")
 
 
 async def online(node: Node, uid: int) -> Client:
