@@ -210,7 +210,9 @@ async def test_a_slow_consumer_in_a_1000_member_group_is_closed_4009_in_bounded_
     in order, and the slow one catches up by resuming with ``last=``."""
     data = tmp_path / "data"
     uids, gid = await make_users(data, 1000, group_of=1000)
-    node = NodeProcess(data, "--shards", "1", env={"CHATD_RATE_LIMIT": "false"})
+    # the log in its own process: the shard's memory is the connections' alone
+    node = NodeProcess(data, "--shards", "1",
+                       env={"CHATD_RATE_LIMIT": "false", "CHATD_LOG_PROCESS": "own"})
     node_procs.append(node)
     await node.started()
     sender, slow, *readers = _devices(node, data, uids[:12])
