@@ -20,6 +20,7 @@ import psutil
 import pytest
 from conftest import UNIT
 from fault_helpers import (
+    Device,
     NodeProcess,
     check_devices,
     cids_stored,
@@ -297,3 +298,42 @@ async def test_a_child_that_crashes_in_a_loop_backs_off_and_the_supervisor_stays
     await d.all_acked()
     await d.stop()
     assert node.proc.poll() is None
+
+
+async def test_a_full_queue_refuses_with_503_and_acks_only_what_it_stored(node_factory) -> None:
+    """The writer waits on a lock; the log's queue fills to ``queue_max``: the
+    messages past it are refused at once with 503, those it holds are acked
+    once the lock goes, and each is stored once."""
+    node = await node_factory(queue_max=5, db_busy_timeout_ms=int(5000 * UNIT),
+                              rate_limit=False)
+    alice, bob = await node.user(), await node.user()
+    a = Device("a", alice, lambda: node.url(alice))
+    b = Device("b", bob, lambda: node.url(bob))
+    for d in (a, b):
+        d.start()
+        await d.synced()
+    holder = sqlite3.connect(node.cfg.db_path, isolation_level=None, timeout=0)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        first = a.send(bob)
+
+        async def writer_waits() -> None:  # the writer took it and waits for the lock
+            while not (node.log.busy and node.log.queued == 0):
+                await asyncio.sleep(0.001)
+
+        await asyncio.wait_for(writer_waits(), 5 * UNIT)
+        more = [a.send(bob) for _ in range(10)]
+        await a.until(lambda: {str(f["cid"]) for f in a.refusals} >= set(more[5:]))
+        assert {str(f["cid"]) for f in a.refusals} == set(more[5:])
+        assert all(f["amount"] == 503 and "retry" in str(f["memo"]) for f in a.refusals)
+        assert not a.acked.keys() & {first, *more}, "acked before it was stored"
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    await a.all_acked()  # the refused ones are resent by the device, and stored
+    await b.until(lambda: set(a.acked.values()) <= set(b.copies))
+    rows = cids_stored(node.cfg.db_path)
+    assert all(rows.get((alice, c)) == [a.acked[c]] for c in [first, *more])
+    assert not b.dups and not b.disorder and not a.errors
+    for d in (a, b):
+        await d.stop()
