@@ -53,14 +53,20 @@ TEST_PASSWORD_HASH = auth.hash_password("secret")
 
 
 class Node:
-    """A running in-process chatd node and helpers to set up its data."""
+    """A running in-process chatd node and helpers to set up its data.
+
+    With several shards (the ``layouts`` marker), each listens on a port of
+    its own and ``url(uid)`` puts user ``uid`` on shard ``uid % n``: users
+    with neighbouring ids talk across shards.
+    """
 
     def __init__(self, cfg: Config, embedded: EmbeddedNode) -> None:
         self.cfg = cfg
         self.embedded = embedded
         self.store: Store = embedded.store
         self.log: Log = embedded.log
-        self.shard: Shard = embedded.shard
+        self.shards: list[Shard] = embedded.shards
+        self.shard: Shard = embedded.shards[0]
         self.secret = auth.load_or_create_secret(cfg.data_path)
         self._mobiles = 0
 
@@ -68,9 +74,14 @@ class Node:
     def port(self) -> int:
         return self.shard.port
 
-    def url(self, uid: int, token: str | None = None) -> str:
+    def shard_for(self, uid: int) -> Shard:
+        """The shard that ``url(uid)`` connects to."""
+        return self.shards[uid % len(self.shards)]
+
+    def url(self, uid: int, token: str | None = None, *, shard: int | None = None) -> str:
         token = token if token is not None else self.token(uid)
-        return f"ws://127.0.0.1:{self.port}/chat?id={uid}&token={token}"
+        where = self.shards[shard] if shard is not None else self.shard_for(uid)
+        return f"ws://127.0.0.1:{where.port}/chat?id={uid}&token={token}"
 
     def token(self, uid: int, version: int = 0, ttl_s: int = 3600) -> str:
         return auth.issue_token(self.secret, uid, version, ttl_s)
@@ -94,20 +105,40 @@ def make_config(data_dir: Path, **overrides: Any) -> Config:
     return replace(base, **overrides)
 
 
+#: node layouts a test module can ask for with ``pytestmark = pytest.mark.layouts(...)``:
+#: "1" one shard on the in-process bus, "2" and "3" shards on the Unix-socket bus
+LAYOUTS = {"1": 1, "2": 2, "3": 3}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    marker = metafunc.definition.get_closest_marker("layouts")
+    if marker is not None and "layout" in metafunc.fixturenames:
+        metafunc.parametrize("layout", marker.args, ids=[f"shards{a}" for a in marker.args])
+
+
 @pytest.fixture
-async def node_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Node]]]:
+def layout() -> str:
+    """One shard unless the module asks for more (see ``LAYOUTS``)."""
+    return "1"
+
+
+@pytest.fixture
+async def node_factory(tmp_path: Path,
+                       layout: str) -> AsyncIterator[Callable[..., Awaitable[Node]]]:
     nodes: list[Node] = []
 
     async def start(**overrides: Any) -> Node:
         cfg = make_config(tmp_path / f"node{len(nodes)}", **overrides)
-        n = Node(cfg, await open_node(cfg))
+        n = Node(cfg, await open_node(cfg, shards=LAYOUTS[layout]))
         nodes.append(n)
-        _NODES[n.port] = n
+        for shard in n.shards:
+            _NODES[shard.port] = n
         return n
 
     yield start
     for n in nodes:
-        _NODES.pop(n.port, None)
+        for shard in n.shards:
+            _NODES.pop(shard.port, None)
         await n.embedded.close(2 * UNIT)
 
 
@@ -193,7 +224,7 @@ async def settled(node: Node, timeout: float = 5.0) -> None:
     ``last=`` instead.
     """
     async def go() -> None:
-        while node.shard.pending:
+        while any(shard.pending for shard in node.shards):
             await asyncio.sleep(0.001)
     await asyncio.wait_for(go(), timeout * UNIT)
 

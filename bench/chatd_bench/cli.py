@@ -79,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
     a("--churn-share", type=float, default=0.1, help="mixed: share of users that reconnect")
     a("--heartbeat", type=float, default=30.0, help="mixed: seconds between heartbeats per user")
     a("--binary", action="store_true", help="MessagePack frames to chatd (peers: JSON)")
+    a("--shards", metavar="LIST",
+      help="chatd shard counts, one run each, side by side (e.g. 1,2; default: the CPUs "
+           "of --pin's server set, else chatd's default)")
+    a("--placement", choices=("kernel", "same", "cross"), default="kernel",
+      help="with several shards: users on the chat port (kernel), a pair or group on one "
+           "shard (same), or every private message across shards (cross)")
     a("--drain", type=float, default=10.0, help="seconds to wait for stragglers after the load")
     a("--pin", metavar="SERVER:GEN", help="CPU sets, e.g. 0:1 or 0-1:2-7 (taskset syntax)")
     a("--no-spread", action="store_true",
@@ -114,7 +120,7 @@ def _options(args: argparse.Namespace, members: int) -> Options:
         conn_rate=args.conn_rate, hold_s=args.hold, group_share=args.group_share,
         image_share=args.image_share, churn_share=args.churn_share, churn_per_s=args.churn,
         hb_interval_s=args.heartbeat, drain_s=args.drain, binary=args.binary,
-        gen_cpus=gen, spread_sources=not args.no_spread)
+        gen_cpus=gen, spread_sources=not args.no_spread, placement=args.placement)
 
 
 def _log(msg: str) -> None:
@@ -150,15 +156,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             layouts = [lay for o in phases for lay in layouts_for(o)]
             chatd_users = prepare_chatd(data_dir, need, layouts, log=_log)
         peers_dir = Path(args.peers_dir) if args.peers_dir else default_peers_dir()
+        counts = _shard_counts(args, server_cpus)
+        chatds = ["chatd"] if len(counts) == 1 else [f"chatd/{n}" for n in counts]
         for rnd in range(args.rounds):
             for opts in phases:
-                for name in ["chatd", *peers]:
+                for name in [*chatds, *peers]:
                     tag = (f" M={opts.members}" if opts.scenario == "group" else "") + (
                         f" #{rnd + 1}" if args.rounds > 1 else "")
                     label = f"{name} {opts.scenario}{tag}"
-                    if name == "chatd":
+                    if name.startswith("chatd"):
+                        shards = counts[chatds.index(name)]
                         results.append(_run_chatd(args, opts, chatd_users, server_cpus, label,
-                                                  tmp or args.data_dir))
+                                                  tmp or args.data_dir, shards, name))
                     else:
                         results.append(_run_peer(args, opts, name, server_cpus, label,
                                                  peers_dir))
@@ -189,7 +198,9 @@ def _emit(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
     if not results:
         return
     print(report.table(results))
-    text = report.ratios(results)
+    # with several shard counts the first is the base the others compare with
+    base = next((r["target"] for r in results if r["target"].startswith("chatd")), "chatd")
+    text = report.ratios(results, base)
     if text:
         print("\n" + text)
     if args.json:
@@ -217,13 +228,27 @@ def _external_users(args: argparse.Namespace, phases: list[Options]) -> Users:
     return users
 
 
+def _shard_counts(args: argparse.Namespace, server_cpus: str | None) -> list[int]:
+    """The shard counts to run chatd with (0: chatd's own default)."""
+    if args.shards:
+        try:
+            counts = [int(x) for x in args.shards.split(",")]
+        except ValueError:
+            raise SetupError(f"--shards: not a list of numbers: {args.shards!r}") from None
+        if any(n < 1 for n in counts):
+            raise SetupError("--shards: each count must be at least 1")
+        return counts
+    return [len(parse_cpus(server_cpus))] if server_cpus else [0]
+
+
 def _chat_url(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.scheme or 'ws'}://{parts.netloc}{parts.path or '/chat'}"
 
 
 def _run_chatd(args: argparse.Namespace, opts: Options, users: Users, cpus: str | None,
-               label: str, data_dir: str | None) -> dict[str, Any]:
+               label: str, data_dir: str | None, shards: int = 0,
+               name: str = "chatd") -> dict[str, Any]:
     if args.url:
         url = _chat_url(args.url)
         port = urlsplit(url).port or 80
@@ -233,12 +258,13 @@ def _run_chatd(args: argparse.Namespace, opts: Options, users: Users, cpus: str 
             target.alive = ProcTree(pid).alive
         return run_once(opts, users, target, label, args.quiet)
     assert data_dir is not None
-    server = ChatdServer(data_dir, cpus)
+    server = ChatdServer(data_dir, cpus, shards=shards)
     try:
         port = server.wait_ready()
-        target = Target("chatd", f"ws://127.0.0.1:{port}/chat", False, server.pid,
+        target = Target(name, f"ws://127.0.0.1:{port}/chat", False, server.pid,
                         store_bytes=server.store_bytes,
-                        alive=lambda: server.exited() is None)
+                        alive=lambda: server.exited() is None,
+                        shard_urls=server.shard_urls())
         result = run_once(opts, users, target, label, args.quiet)
     finally:
         rc = server.stop()

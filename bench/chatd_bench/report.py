@@ -74,9 +74,9 @@ def ratios(results: list[dict[str, Any]], base: str = "chatd") -> str:
                 b = [v for v in map(get, theirs) if v]
                 if a and b:
                     parts.append(f"{name} x{median(a) / median(b):.2f}")
-            lines.append(f"{scen}: chatd / {peer}: " + ", ".join(parts))
+            lines.append(f"{scen}: {base} / {peer}: " + ", ".join(parts))
     if lines:
-        lines.insert(0, "ratios (chatd / peer; CPU, latency and KiB: lower is better "
+        lines.insert(0, f"ratios ({base} / the others; CPU, latency and KiB: lower is better "
                         "for chatd, throughput: higher):")
     return "\n".join(lines)
 

@@ -60,6 +60,11 @@ class Options:
     gen_cpus: list[int] | None = None
     spread_sources: bool = True
     sample_s: float = 1.0
+    #: where users connect on a many-shard chatd: "kernel" (the chat port;
+    #: SO_REUSEPORT spreads them), "same" (a pair / a group's members on one
+    #: shard), "cross" (every private message crosses shards; a group's
+    #: members dealt over the shards)
+    placement: str = "kernel"
 
 
 @dataclasses.dataclass
@@ -70,6 +75,26 @@ class Target:
     pid: int | None = None
     store_bytes: Callable[[], int] | None = None
     alive: Callable[[], bool] | None = None
+    #: each shard's own url (chatd's shard_base_port), for ``placement``
+    shard_urls: list[str] | None = None
+
+
+def placement_urls(opts: Options, n: int, target: Target, plan: Plan) -> list[str] | None:
+    """The url each user connects to, by ``opts.placement`` (None: the target's)."""
+    shards = target.shard_urls
+    if opts.placement == "kernel" or not shards:
+        return None
+    k = len(shards)
+    where = [i % k for i in range(n)]
+    if opts.scenario == "private":
+        for pair, (s, r) in enumerate(pairs(n)):
+            where[s] = pair % k
+            where[r] = (pair + (1 if opts.placement == "cross" else 0)) % k
+    elif opts.scenario == "group" and opts.placement == "same":
+        for g in range(len(plan.gids)):
+            for i in plan.members(g):
+                where[i] = g % k
+    return [shards[w] for w in where]
 
 
 def layouts_for(opts: Options) -> list[tuple[int, int]]:
@@ -108,6 +133,7 @@ def build_specs(opts: Options, users: Users, target: Target) -> tuple[Plan, list
         "track_last": opts.scenario == "group", "offline_s": opts.offline_s,
         "cpus": opts.gen_cpus, "pairs": [], "conn_rate": 0.0,
         "nonce": secrets.token_hex(4),
+        "urls": placement_urls(opts, n, target, plan),
     }
     if opts.spread_sources and ("//127." in target.url or "//localhost" in target.url):
         base["source_addrs"] = [f"127.0.{b}.{a}" for b in range(0, 4) for a in range(2, 250)]

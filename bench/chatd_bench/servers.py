@@ -107,6 +107,27 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_port_range(n: int) -> int:
+    """The first of ``n`` consecutive ports that are free now (probed, not held)."""
+    for _ in range(100):
+        base = free_port()
+        if base + n > 65535:
+            continue
+        socks = []
+        try:
+            for port in range(base, base + n):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+        return base
+    raise ServerError(f"no {n} consecutive free ports")
+
+
 def _taskset(cpus: str | None) -> list[str]:
     if not cpus:
         return []
@@ -181,14 +202,27 @@ class ChatdServer(_Child):
     name = "chatd"
 
     def __init__(self, data_dir: str | Path, cpus: str | None = None,
-                 extra_env: dict[str, str] | None = None) -> None:
+                 extra_env: dict[str, str] | None = None, shards: int = 0) -> None:
         super().__init__()
         self.data_dir = Path(data_dir)
+        self.shards = shards
+        #: shard i also listens alone on shard_base_port + i (for placement)
+        self.shard_base_port = free_port_range(shards) if shards > 1 else 0
         env = {**os.environ, "CHATD_RATE_LIMIT": "false", "CHATD_LOG_LEVEL": "info",
                **(extra_env or {})}
+        if self.shard_base_port:
+            env["CHATD_SHARD_BASE_PORT"] = str(self.shard_base_port)
         argv = [*_taskset(cpus), sys.executable, "-m", "chatd", "serve", "--host", "127.0.0.1",
                 "--chat-port", "0", "--api-port", "0", "--data-dir", str(self.data_dir)]
+        if shards:
+            argv += ["--shards", str(shards)]
         self._spawn(argv, env)
+
+    def shard_urls(self) -> list[str] | None:
+        """Each shard's own url, when there are several."""
+        if not self.shard_base_port:
+            return None
+        return [f"ws://127.0.0.1:{self.shard_base_port + i}/chat" for i in range(self.shards)]
 
     def wait_ready(self, timeout_s: float = 30.0) -> int:
         import re

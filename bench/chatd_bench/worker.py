@@ -236,7 +236,9 @@ class Worker:
         live copy, and the new client starts where ``prev`` left off."""
         plan = self.plan
         tokens = self.spec["tokens"]
-        url = f"{self.base}?id={plan.uids[i]}&token={tokens[i] if tokens else 'bench'}"
+        urls = self.spec.get("urls")
+        base = urls[i] if urls else self.base
+        url = f"{base}?id={plan.uids[i]}&token={tokens[i] if tokens else 'bench'}"
         if prev is not None and not self.peer:
             url += f"&last={prev.last_id}"
 

@@ -8,6 +8,10 @@ One request per line, one answer per line, both JSON:
     {"cmd": "scale", "n": 4}           → start or retire shards until 4 serve
     {"cmd": "drain", "index": 2}       → retire shard 2 (clients get 1012)
     {"cmd": "online", "uid": 7}        → where user 7 is connected, since when
+    {"cmd": "kick", "uid": 7, "code": 4001}   → close user 7's connections
+    {"cmd": "broadcast", "text": "...", "gid": null}   → a system message to all
+    {"cmd": "user", "action": "ban|unban|revoke|show", "uid": 7}
+    {"cmd": "group", "action": "members", "gid": 3}
     {"cmd": "stats"}                   → every child's last status report
 
 Answers are ``{"ok": true, "data": ...}`` or ``{"ok": false, "error": "why"}``.
@@ -25,7 +29,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from chatd.errors import ChatdError
+from chatd.bus.unix import UnixControl
+from chatd.errors import ChatdError, NotFoundError, StoreError
+from chatd.store import Store, UserRecord, open_store
+from chatd.wire import CLOSE_KICKED, MAX_CONTENT_CHARS
 
 if TYPE_CHECKING:
     from chatd.supervisor import Supervisor
@@ -47,6 +54,8 @@ class AdminServer:
         self.supervisor = supervisor
         self.path = path
         self._server: asyncio.AbstractServer | None = None
+        #: the node's log, for the routing changes an operator makes
+        self.control: UnixControl | None = None
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -65,6 +74,8 @@ class AdminServer:
         if self._server is not None:
             self._server.close()
             self._server = None
+        if self.control is not None:
+            await self.control.close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
@@ -76,7 +87,7 @@ class AdminServer:
                     if not isinstance(request, dict):
                         raise AdminError("a request is a JSON object")
                     answer = {"ok": True, "data": await self.handle(request)}
-                except (AdminError, ValueError, KeyError, TypeError) as exc:
+                except (AdminError, StoreError, ValueError, KeyError, TypeError) as exc:
                     answer = {"ok": False, "error": str(exc) or type(exc).__name__}
                 except Exception as exc:  # our bug: say so, keep serving
                     log.exception("admin request %r failed", line[:200])
@@ -105,7 +116,9 @@ class AdminServer:
         if cmd == "drain":
             index = request["index"]
             if not await sup.retire_shard(int(index)):
-                raise AdminError(f"no shard {index} to drain (or it is the last one)")
+                raise AdminError(
+                    f"no shard {index} to drain (or it is the last one, or it runs the log)"
+                )
             return {"drained": int(index), "shards": [c.index for c in sup.shards()]}
         if cmd == "online":
             uid = int(request["uid"])
@@ -117,7 +130,74 @@ class AdminServer:
             return rows
         if cmd == "stats":
             return sup.snapshot()
+        if cmd == "kick":
+            uid, code = int(request["uid"]), int(request.get("code", CLOSE_KICKED))
+            if not 4000 <= code <= 4999:
+                raise AdminError("a kick's close code is 4000-4999 (4500+: do not reconnect)")
+            closed = 0
+            for child in sup.shards():
+                closed += int(await sup.ask(child, "kick", uid, code) or 0)
+            return {"uid": uid, "closed": closed, "code": code}
+        if cmd == "broadcast":
+            text = request["text"]
+            gid = request.get("gid")
+            if not isinstance(text, str) or not text or len(text) > MAX_CONTENT_CHARS:
+                raise AdminError(f"the text is 1 to {MAX_CONTENT_CHARS} characters")
+            control = self._control()
+            try:
+                mid = await control.broadcast(text, None if gid is None else int(gid))
+            except NotFoundError as exc:
+                raise AdminError(str(exc)) from None
+            return {"id": mid, "gid": gid}
+        if cmd == "user":
+            return await self._user(str(request["action"]), int(request["uid"]))
+        if cmd == "group":
+            if request.get("action") != "members":
+                raise AdminError("group actions: members")
+            store = await self._store()
+            try:
+                gid = int(request["gid"])
+                if await store.group_by_id(gid) is None:
+                    raise AdminError(f"no group {gid}")
+                return [_public(u) for u in await store.members_of(gid)]
+            finally:
+                await store.close()
         raise AdminError(f"unknown command {cmd!r}")
+
+    async def _user(self, action: str, uid: int) -> Any:
+        control = self._control()
+        try:
+            if action == "ban":
+                return {"uid": uid, "banned": True, "changed": await control.set_banned(uid, True)}
+            if action == "unban":
+                changed = await control.set_banned(uid, False)
+                return {"uid": uid, "banned": False, "changed": changed}
+            if action == "revoke":
+                return {"uid": uid, "token_version": await control.revoke_tokens(uid)}
+        except NotFoundError as exc:
+            raise AdminError(str(exc)) from None
+        if action != "show":
+            raise AdminError("user actions: ban, unban, revoke, show")
+        store = await self._store()
+        try:
+            user = await store.user_by_id(uid)
+            if user is None:
+                raise AdminError(f"no user {uid}")
+            groups = await store.groups_of(uid)
+        finally:
+            await store.close()
+        online = await self.handle({"cmd": "online", "uid": uid})
+        return {**_public(user), "token_version": user.token_version,
+                "banned": bool(user.banned), "groups": [g.id for g in groups],
+                "online": online}
+
+    def _control(self) -> UnixControl:
+        if self.control is None:
+            self.control = UnixControl(self.supervisor.cfg.run_path / "log.sock")
+        return self.control
+
+    async def _store(self) -> Store:
+        return await open_store(self.supervisor.cfg.db_path, writable=False)
 
     async def _shard_row(self, child: Any) -> dict[str, Any]:
         status = child.status
@@ -132,11 +212,26 @@ class AdminServer:
         }
 
 
+def _public(user: UserRecord) -> dict[str, Any]:
+    """A user without its password hash."""
+    return {k: getattr(user, k) for k in ("id", "mobile", "nickname", "avatar", "sex",
+                                          "created_ms")}
+
+
+#: where the systemd unit's RuntimeDirectory puts the sockets
+SYSTEMD_RUN_DIR: Final = Path("/run/chatd")
+
+
 class AdminClient:
-    """``chatd admin``'s end: one request, one answer."""
+    """``chatd admin``'s end: one request, one answer.
+
+    The socket is the configured one; when that does not exist, the systemd
+    unit's (``/run/chatd``), so that an operator's shell finds the service.
+    """
 
     def __init__(self, path: Path, timeout_s: float = 60.0) -> None:
-        self.path = path
+        fallback = SYSTEMD_RUN_DIR / path.name
+        self.path = path if path.exists() or not fallback.exists() else fallback
         self.timeout_s = timeout_s
 
     async def request(self, **request: Any) -> Any:

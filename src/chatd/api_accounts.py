@@ -8,7 +8,7 @@ work, whether the mobile number is unknown or the password is wrong.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Final
+from typing import Final
 
 from aiohttp import web
 
@@ -28,21 +28,22 @@ from chatd.api_schema import (
     User,
     UserReply,
 )
+from chatd.store import UserRecord
 
 LOGIN_FAILED: Final = "wrong mobile number or password"
 
 
-def public_profile(user: dict[str, Any]) -> User:
+def public_profile(user: UserRecord) -> User:
     """What anyone may see of a user: never the password hash, mobile or token state."""
-    return User(id=user["id"], nickname=user["nickname"], avatar=user["avatar"],
-                sex=user["sex"], memo=user["memo"])
+    return User(id=user.id, nickname=user.nickname, avatar=user.avatar,
+                sex=user.sex, memo=user.memo)
 
 
-def own_profile(user: dict[str, Any], token: str) -> Me:
+def own_profile(user: UserRecord, token: str) -> Me:
     """What the user sees of itself at login: the public profile, mobile and token."""
-    return Me(id=user["id"], nickname=user["nickname"], avatar=user["avatar"],
-              sex=user["sex"], memo=user["memo"], mobile=user["mobile"],
-              createat=user["created_ms"], token=token)
+    return Me(id=user.id, nickname=user.nickname, avatar=user.avatar,
+              sex=user.sex, memo=user.memo, mobile=user.mobile,
+              createat=user.created_ms, token=token)
 
 
 def _issue(ctx: Ctx, uid: int, version: int) -> str:
@@ -71,7 +72,7 @@ async def handle_register(request: web.Request) -> web.Response:
         raise ApiError(409, "this mobile number is already registered")
     user = await ctx.store.user_by_id(uid)
     assert user is not None
-    me = own_profile(user, _issue(ctx, uid, user["token_version"]))
+    me = own_profile(user, _issue(ctx, uid, user.token_version))
     return ok(MeReply(msg="registered", data=me))
 
 
@@ -84,11 +85,11 @@ async def handle_login(request: web.Request) -> web.Response:
         # the same work as a wrong password, so timing does not tell which it was
         await _verify(req.passwd, ctx.dummy_hash)
         raise ApiError(401, LOGIN_FAILED)
-    if not await _verify(req.passwd, user["passwd"]):
+    if not await _verify(req.passwd, user.passwd):
         raise ApiError(401, LOGIN_FAILED)
-    if user["banned"]:
+    if user.banned:
         raise ApiError(403, "this user is banned")
-    return ok(MeReply(data=own_profile(user, _issue(ctx, user["id"], user["token_version"]))))
+    return ok(MeReply(data=own_profile(user, _issue(ctx, user.id, user.token_version))))
 
 
 async def handle_find(request: web.Request) -> web.Response:
@@ -112,7 +113,7 @@ async def handle_refresh(request: web.Request) -> web.Response:
     user = await ctx.store.user_by_id(uid)
     if user is None:
         raise ApiError(401, "no such user")
-    token = _issue(ctx, uid, user["token_version"])
+    token = _issue(ctx, uid, user.token_version)
     return ok(TokenReply(data=TokenInfo(id=uid, token=token, expires_in=ctx.cfg.token_ttl_s)))
 
 

@@ -167,9 +167,9 @@ async def authenticate(request: web.Request, fields: Fields) -> int:
     user = await ctx.store.user_by_id(uid)
     if user is None:
         raise ApiError(401, "bad token: no such user")
-    if user["banned"]:
+    if user.banned:
         raise ApiError(403, "this user is banned")
-    if version != user["token_version"]:
+    if version != user.token_version:
         raise ApiError(401, "bad token: token revoked")
     claimed = fields.get("userid")
     if claimed not in (None, "") and str(claimed).strip() != str(uid):

@@ -8,7 +8,7 @@ group message committed after a join and none after a leave.
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Final
 
 from aiohttp import web
 
@@ -38,14 +38,15 @@ from chatd.api_schema import (
     UserRequest,
 )
 from chatd.errors import NotFoundError
+from chatd.store import GroupRecord
 
 _NO_BOUND: Final = (1 << 63) - 1
 
 
-def group_view(row: dict[str, Any]) -> Group:
+def group_view(row: GroupRecord) -> Group:
     """A group as the seed's clients read it."""
-    return Group(id=row["id"], name=row["name"], ownerid=row["ownerid"], icon=row["icon"],
-                 cate=row["cate"], memo=row["memo"], createat=row["created_ms"])
+    return Group(id=row.id, name=row.name, ownerid=row.ownerid, icon=row.icon,
+                 cate=row.cate, memo=row.memo, createat=row.created_ms)
 
 
 def _users(rows: list[User]) -> UserListReply:
@@ -117,7 +118,7 @@ async def handle_quitcommunity(request: web.Request) -> web.Response:
     group = await ctx.store.group_by_id(gid)
     if group is None:
         raise ApiError(404, "no such group")
-    if group["ownerid"] == uid:
+    if group.ownerid == uid:
         raise ApiError(403, "the owner cannot leave the group")
     if not await ctx.control.leave_group(gid, uid):
         raise ApiError(404, "you are not a member of this group")

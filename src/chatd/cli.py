@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from chatd import __version__, auth, tune
+from chatd.admin_cli import add_parsers, run_admin, run_db
 from chatd.config import Config, load
 from chatd.errors import ChatdError, StoreUnavailable
 from chatd.store import Store, open_store
@@ -44,6 +44,8 @@ def _config_flags(p: argparse.ArgumentParser, serving: bool) -> None:
             help="websocket port, 0 for any free one (env CHATD_CHAT_PORT)",
         )
         p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+        p.add_argument("--tls-cert", metavar="PEM", help="certificate chain (env CHATD_TLS_CERT)")
+        p.add_argument("--tls-key", metavar="PEM", help="private key (env CHATD_TLS_KEY)")
         p.add_argument(
             "--shards",
             type=int,
@@ -84,21 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     join.add_argument("uid", type=int)
     _config_flags(join, False)
 
-    admin = sub.add_parser("admin", help="ask the running node (over its admin socket)")
-    acts = admin.add_subparsers(dest="action", required=True)
-    shards = acts.add_parser("shards", help="list, scale or drain the shards")
-    shard_acts = shards.add_subparsers(dest="shards_action", required=True)
-    _admin_flags(shard_acts.add_parser("list", help="the shards and what they hold"))
-    scale = shard_acts.add_parser("scale", help="run N shards (start or retire some)")
-    scale.add_argument("n", type=int)
-    _admin_flags(scale)
-    drain = shard_acts.add_parser("drain", help="retire shard K: its clients move (1012)")
-    drain.add_argument("index", type=int)
-    _admin_flags(drain)
-    online = acts.add_parser("online", help="where a user is connected, since when")
-    online.add_argument("uid", type=int)
-    _admin_flags(online)
-    _admin_flags(acts.add_parser("stats", help="every process's last report"))
+    add_parsers(sub, lambda p: _config_flags(p, False))
 
     tuning = sub.add_parser("tune", help="check this box for a connection count")
     tsub = tuning.add_subparsers(dest="action", required=True)
@@ -130,11 +118,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _admin_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true", help="print JSON for scripts")
-    _config_flags(p, False)
-
-
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -157,7 +140,8 @@ def _tune_check(args: argparse.Namespace) -> int:
 def _config(args: argparse.Namespace) -> Config:
     flags = {
         k: getattr(args, k, None)
-        for k in ("data_dir", "host", "chat_port", "api_port", "log_level", "shards")
+        for k in ("data_dir", "host", "chat_port", "api_port", "log_level", "shards",
+                  "tls_cert", "tls_key")
     }
     return load(args.config, flags=flags)
 
@@ -182,13 +166,18 @@ def _run(args: argparse.Namespace) -> int:
 
         return serve(cfg, reload=lambda: _config(args))
     if args.command == "check-config":
+        from chatd.tls import server_context
+
+        server_context(cfg)  # the certificate and key load
         print(
             f"config ok: chat on {cfg.host}:{cfg.chat_port} ({cfg.shard_count} shards), api on "
             f"{cfg.host}:{cfg.api_port}, data in {cfg.data_dir}"
         )
         return 0
     if args.command == "admin":
-        return _admin(cfg, args)
+        return run_admin(cfg, args)
+    if args.command == "db":
+        return run_db(cfg, args)
     if args.command == "user":
         if not args.mobile.strip() or not args.password:
             raise ChatdError("mobile and password must not be empty")
@@ -256,42 +245,6 @@ class _StoreControl:
 
     async def join_group(self, gid: int, uid: int) -> bool:
         return await self._store.join_group(gid, uid)
-
-
-def _admin(cfg: Config, args: argparse.Namespace) -> int:
-    from chatd.admin import AdminClient
-
-    client = AdminClient(cfg.run_path / "admin.sock")
-    if args.action == "shards":
-        sub = args.shards_action
-        if sub == "list":
-            request: dict[str, Any] = {"cmd": "shards"}
-        elif sub == "scale":
-            request = {"cmd": "scale", "n": args.n}
-        else:
-            request = {"cmd": "drain", "index": args.index}
-    elif args.action == "online":
-        request = {"cmd": "online", "uid": args.uid}
-    else:
-        request = {"cmd": "stats"}
-    data = asyncio.run(client.request(**request))
-    if args.json:
-        print(json.dumps(data, indent=2, sort_keys=True))
-    elif isinstance(data, list):
-        print(_table(data) if data else "(none)")
-    else:
-        print(json.dumps(data, indent=2, sort_keys=True))
-    return 0
-
-
-def _table(rows: list[dict[str, Any]]) -> str:
-    """Rows of dicts as an aligned text table (columns from the first row)."""
-    columns = list(rows[0])
-    cells = [[str(row.get(c, "")) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
-    return "\n".join(line.rstrip() for line in lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -48,10 +48,19 @@ class Config:
     log_level: str = "info"
     #: shard processes on the chat port; 0 = one per CPU
     shards: Annotated[int, msgspec.Meta(ge=0, le=1024)] = 0
+    #: where the node's log runs: "own" (a process of its own), "shard" (inside
+    #: shard 0: no hop between processes), "auto" (inside with one shard)
+    log_process: str = "auto"
     #: the node's sockets (the log's, the admin's): "" = DATA_DIR/run
     run_dir: str = ""
+    #: if set, shard i also listens on this port + i, alone (diagnostics and the
+    #: bench's placement of users on chosen shards; clients use chat_port)
+    shard_base_port: _Port = 0
     #: connections one shard accepts; past it the upgrade gets 503 + Retry-After
     max_conns: _Positive = 100_000
+    #: PEM certificate chain and key: wss:// on the chat port, HTTPS on the api port
+    tls_cert: str = ""
+    tls_key: str = ""
     #: browser origins allowed to open a chat connection: empty = same-origin
     #: (the websocket's own origin or the api port's web client), "*" = any
     allowed_origins: tuple[str, ...] = ()
@@ -67,6 +76,9 @@ class Config:
     slow_consumer_bytes: _Positive = 262_144
     #: SIGTERM: time to commit queued messages and close clients before exiting
     drain_timeout_s: _PositiveFloat = 10.0
+    #: a child process whose loop has not reported for this long is stuck: the
+    #: supervisor kills it (and restarts it)
+    stuck_after_s: _PositiveFloat = 20.0
     #: messages per page when a client syncs
     sync_page: _Positive = 500
     #: most messages in one store transaction
@@ -75,6 +87,9 @@ class Config:
     queue_max: _Positive = 100_000
     #: SQLite synchronous mode for messages: NORMAL survives process crashes, FULL power loss
     db_synchronous: str = "NORMAL"
+    #: how long a store statement waits for a lock held by another connection (a
+    #: backup, a sqlite3 shell) before the message is refused with error 503
+    db_busy_timeout_ms: Annotated[int, msgspec.Meta(ge=0)] = 10_000
     token_ttl_s: _Positive = 30 * 24 * 3600
 
     @property
@@ -89,6 +104,13 @@ class Config:
     def shard_count(self) -> int:
         """How many shards ``chatd serve`` starts with (``shards``, or the CPU count)."""
         return self.shards or os.cpu_count() or 1
+
+    @property
+    def log_in_shard(self) -> bool:
+        """Whether shard 0 runs the node's log (see ``log_process``)."""
+        if self.log_process == "auto":
+            return self.shard_count == 1
+        return self.log_process == "shard"
 
     @property
     def run_path(self) -> Path:
@@ -137,11 +159,15 @@ def _coerce(key: str, value: Any, from_text: bool) -> Any:
 
 def _check(cfg: Config) -> Config:
     """The rules that the field types cannot say."""
-    for key in ("rate_per_s", "idle_timeout_s", "drain_timeout_s"):
+    for key in ("rate_per_s", "idle_timeout_s", "drain_timeout_s", "stuck_after_s"):
         if not math.isfinite(getattr(cfg, key)):
             raise ConfigError(f"{key}: must be a finite number")
     if cfg.db_synchronous.upper() not in ("NORMAL", "FULL"):
         raise ConfigError("db_synchronous: must be NORMAL or FULL")
+    if bool(cfg.tls_cert) != bool(cfg.tls_key):
+        raise ConfigError("tls_cert and tls_key: give both, or neither")
+    if cfg.log_process not in ("auto", "own", "shard"):
+        raise ConfigError("log_process: must be auto, own or shard")
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError("log_level: must be debug, info, warning or error")
     for origin in cfg.allowed_origins:

@@ -8,6 +8,8 @@ costs one ``write()`` per batch, not one per frame.
 
 - cmd 10: every connection of ``dstid``, and the sender's other devices;
 - cmd 11: every local connection in the group index of ``dstid``;
+- a system broadcast (cmd 10 to ``dstid`` 0, from the system user): every
+  local connection;
 
 never the connection that sent it (it gets the ack).
 """
@@ -18,6 +20,7 @@ from typing import Any
 
 from chatd.protocol import DELIVERED, OVERFLOW, Session
 from chatd.registry import Registry
+from chatd.store import BROADCAST
 from chatd.wire import (
     CMD_PRIVATE,
     OP_BINARY,
@@ -45,8 +48,10 @@ class Fanout:
         that cannot hold another copy goes to ``slow`` (close it, 4009).
         """
         registry = self.registry
-        if msg.cmd == CMD_PRIVATE:
-            recipients: Any = registry.get(msg.dstid)
+        if msg.cmd == CMD_PRIVATE and msg.dstid == BROADCAST:
+            recipients: Any = list(registry)  # a system message to everyone
+        elif msg.cmd == CMD_PRIVATE:
+            recipients = registry.get(msg.dstid)
             if msg.dstid != msg.userid:
                 mine = registry.get(msg.userid)
                 # the sender's other devices (the sender may be gone already)

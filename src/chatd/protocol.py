@@ -132,6 +132,7 @@ class Session:
         "inflight",
         "close_pending",
         "close_frame",
+        "closing_live",
         "acks_upto",
         "tokens",
         "stamp",
@@ -170,6 +171,9 @@ class Session:
         self.close_pending: tuple[int, str] | None = None
         #: (code, reason) once the close frame must go out (after ``out``)
         self.close_frame: tuple[int, str] | None = None
+        #: closed from LIVE with a code the client may reconnect after: live
+        #: copies still go out until the close frame is due (see ``close``)
+        self.closing_live = False
         #: once closing, no ack above this id goes out: the client misses
         #: something above it (a replay cut short, a live copy not sent)
         self.acks_upto: int | None = None
@@ -459,6 +463,14 @@ class Session:
             return DELIVERED
         if state is SYNCING:
             return DELIVERED if self._hold(msg) else OVERFLOW
+        if state is CLOSING and self.closing_live and self.close_pending is not None:
+            # acks with higher ids are still to go out: so must the copies
+            # between them, or the highest id would skip these
+            if self.out is None:
+                self.out = [data]
+            else:
+                self.out.append(data)
+            return DELIVERED
         if state is CLOSING and self.acks_upto is None:
             # the client will not get it: no ack above it may go out now
             self.acks_upto = msg.id - 1
@@ -522,18 +534,21 @@ class Session:
     # --- the end ---------------------------------------------------------------
 
     def close(self, code: int, reason: str) -> None:
-        """Start closing with ``code``: nothing more is read or delivered live;
-        the answers to messages already handed to the log still go out, then
-        the close frame (``close_frame`` is set once it is due). An ack above
-        a message the client will not get here (``acks_upto``) goes as "send
-        again" instead, so that its highest id stays a safe resume point."""
+        """Start closing with ``code``: nothing more is read; the answers to
+        messages already handed to the log still go out (with the live copies
+        among them, ``closing_live``), then the close frame (``close_frame`` is
+        set once it is due). An ack above a message the client will not get
+        here (``acks_upto``) goes as "send again" instead, so that its highest
+        id stays a safe resume point."""
         state = self.state
         if state is CLOSING or state is CLOSED:
             return
         if state is SYNCING:
-            # the acks held for after the replay are still the client's; but the
-            # replay stops short, and an ack above what the client has would make
-            # its highest id a false resume point (docs/design.md §5, 4)
+            # an ack held for after the replay goes out only if the replay has
+            # passed its id: one above the part not replayed would make the
+            # client resume past that part (docs/design.md §5, 4). The others,
+            # and those still to come, are answered "send again": the client's
+            # retry (same cid) is acked again with the same id.
             has = self.acks_upto = self._client_has()
             for msg in self.held or ():
                 if msg.cmd == CMD_ACK:
@@ -543,6 +558,11 @@ class Session:
                         self.send(msg)
         self.held = None
         self.waiting = None
+        # a client that may reconnect resumes from the highest id it got: the
+        # acks still due after the close carry ids, so the live copies among
+        # them go out too (the close frame follows the last answer). After a
+        # revocation or a ban (4500+) nothing more is delivered.
+        self.closing_live = state is LIVE and code < 4500
         self.state = CLOSING
         if self.inflight:
             self.close_pending = (code, reason)

@@ -23,20 +23,24 @@ import asyncio
 import ctypes
 import logging
 import signal
+import ssl
 import sys
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Final
 
 import uvloop
 
-from chatd import auth
+from chatd import auth, tls
+from chatd.bus import LogLink
 from chatd.bus.local import LocalLink
 from chatd.bus.unix import LogServer, UnixControl, UnixLogLink
 from chatd.config import Config
 from chatd.control import Link
+from chatd.errors import ConfigError, StoreUnavailable
 from chatd.log import Log
 from chatd.shard import Shard
 from chatd.store import Store, open_store
@@ -63,43 +67,87 @@ def setup_logging(level: str) -> None:
 
 @dataclass
 class EmbeddedNode:
-    """A whole single-shard node in the calling event loop (``open_node``)."""
+    """A whole node in the calling event loop (``open_node``)."""
 
     cfg: Config
     store: Store
     log: Log
-    shard: Shard
-    link: LocalLink
+    shards: list[Shard]
+    links: list[LogLink]
+    server: LogServer | None = None
+    readers: list[Store] = field(default_factory=list)
+
+    @property
+    def shard(self) -> Shard:
+        return self.shards[0]
 
     async def close(self, timeout_s: float | None = None) -> None:
-        """Drain the shard (close 1001), commit what is queued, close the store."""
-        await self.shard.drain(self.cfg.drain_timeout_s if timeout_s is None else timeout_s)
-        await self.link.close()
+        """Drain the shards (close 1001), commit what is queued, close the store."""
+        timeout = self.cfg.drain_timeout_s if timeout_s is None else timeout_s
+        await asyncio.gather(*(shard.drain(timeout) for shard in self.shards))
+        for link in self.links:
+            await link.close()
         await self.log.close()
+        if self.server is not None:
+            await self.server.close()
+        for reader in self.readers:
+            await reader.close()
         await self.store.close()
 
 
-async def open_node(cfg: Config, *, port: int | None = None) -> EmbeddedNode:
-    """Open the store, start the log and a shard listening, in this loop.
+async def open_node(cfg: Config, *, port: int | None = None, shards: int = 1) -> EmbeddedNode:
+    """Open the store, start the log and ``shards`` shards listening, in this loop.
 
-    The embedded default: the log's writer runs in the shard's process
-    (``bus.local``), as ``chatd serve --shards 1`` would with its log alone.
+    One shard (the embedded default) talks to the log directly (``bus.local``).
+    More than one talk to it over its Unix socket (``bus.unix``), as the shard
+    processes of ``chatd serve`` do, each on a port of its own (``port`` is
+    the first shard's; the others take any free one), so that a caller can
+    choose where a connection lands.
     """
     cfg.data_path.mkdir(parents=True, exist_ok=True)
     secret = auth.load_or_create_secret(cfg.data_path)
-    store = await open_store(cfg.db_path, synchronous=cfg.db_synchronous)
+    store = await open_store(
+        cfg.db_path, synchronous=cfg.db_synchronous, busy_timeout_ms=cfg.db_busy_timeout_ms
+    )
+    node = None
     try:
         node_log = Log(store, batch_max=cfg.batch_max, queue_max=cfg.queue_max)
         await node_log.start()
-        checker = auth.TokenChecker(secret, await store.token_versions())
-        shard = Shard(cfg, store, checker)
-        link = LocalLink(node_log, shard)
-        await shard.start(link, port=port)
-        link.connect()
+        node = EmbeddedNode(cfg, store, node_log, [], [])
+        if shards == 1:
+            shard = Shard(cfg, store, _checker(secret, await store.token_versions()))
+            link = LocalLink(node_log, shard)
+            await shard.start(link, port=port)
+            link.connect()
+            node.shards.append(shard)
+            node.links.append(link)
+            return node
+        node.server = LogServer(node_log, log_socket(cfg))
+        await node.server.start()
+        for index in range(shards):
+            reader = await open_store(
+                cfg.db_path, writable=False, busy_timeout_ms=cfg.db_busy_timeout_ms
+            )
+            node.readers.append(reader)
+            shard = Shard(cfg, reader, _checker(secret, await reader.token_versions()), index)
+            bus = UnixLogLink(log_socket(cfg), index, shard)
+            await shard.start(bus, port=port if index == 0 else 0)
+            bus.start()
+            node.shards.append(shard)
+            node.links.append(bus)
+            if not await bus.wait_up(READY_WAIT_S):
+                raise StoreUnavailable("a shard could not reach the log")
     except BaseException:
-        await store.close()
+        if node is not None:
+            await node.close(0.1)
+        else:
+            await store.close()
         raise
-    return EmbeddedNode(cfg, store, node_log, shard, link)
+    return node
+
+
+def _checker(secret: bytes, versions: dict[int, int]) -> auth.TokenChecker:
+    return auth.TokenChecker(secret, versions)
 
 
 def _die_with_parent() -> None:
@@ -119,13 +167,26 @@ def _child_signals(stop: asyncio.Event) -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
+def _reload_tls(context: ssl.SSLContext | None, cfg: Config) -> None:
+    """SIGHUP: the certificate files again, for the handshakes from now on."""
+    if context is None:
+        return
+    try:
+        tls.reload(context, cfg)
+    except ConfigError as exc:
+        log.error("TLS reload refused, the running certificate stays: %s", exc)
+        return
+    log.info("TLS certificate reloaded from %s", cfg.tls_cert)
+
+
 def _set_log_level(level: str) -> None:
     logging.getLogger().setLevel(level.upper())
 
 
 async def _report(link: Link, status: Callable[[], dict[str, Any]]) -> None:
     while True:
-        link.send("status", status())
+        # "at" (CLOCK_MONOTONIC, one clock for every process) makes rates exact
+        link.send("status", {**status(), "at": time.monotonic()})
         await asyncio.sleep(STATUS_PERIOD_S)
 
 
@@ -139,7 +200,9 @@ async def run_log(cfg: Config, index: int, conn: Connection) -> int:
     on ``log.sock`` until told to drain (after the shards have drained)."""
     stop = asyncio.Event()
     _child_signals(stop)
-    store = await open_store(cfg.db_path, synchronous=cfg.db_synchronous)
+    store = await open_store(
+        cfg.db_path, synchronous=cfg.db_synchronous, busy_timeout_ms=cfg.db_busy_timeout_ms
+    )
     node_log = Log(store, batch_max=cfg.batch_max, queue_max=cfg.queue_max)
     await node_log.start()
     server = LogServer(node_log, log_socket(cfg))
@@ -180,18 +243,44 @@ def log_main(cfg: Config, index: int, conn: Connection) -> None:
 
 async def run_shard(cfg: Config, index: int, conn: Connection) -> int:
     """A shard process: serve the chat port until told to drain (1001) or to
-    retire (1012: the node sheds this shard; its clients reconnect to others)."""
+    retire (1012: the node sheds this shard; its clients reconnect to others).
+
+    Shard 0 of a node whose log runs inside it (``log_process``) also opens the
+    store for writing, runs the log in its loop (``bus.local`` for itself) and
+    serves it on ``log.sock`` to the other shards and the API worker.
+    """
     stop = asyncio.Event()
     close_code: list[Any] = [CLOSE_GOING_AWAY, "server going away"]
     _child_signals(stop)
     secret = auth.load_or_create_secret(cfg.data_path)
-    reader = await open_store(cfg.db_path, writable=False)
-    checker = auth.TokenChecker(secret, await reader.token_versions())
-    checker.banned = set(await reader.banned_users())
-    shard = Shard(cfg, reader, checker, index)
-    bus = UnixLogLink(log_socket(cfg), index, shard)
-    await shard.start(bus)
-    bus.start()
+    hosts_log = index == 0 and cfg.log_in_shard
+    node_log: Log | None = None
+    server: LogServer | None = None
+    if hosts_log:
+        store = await open_store(
+            cfg.db_path, synchronous=cfg.db_synchronous, busy_timeout_ms=cfg.db_busy_timeout_ms
+        )
+        node_log = Log(store, batch_max=cfg.batch_max, queue_max=cfg.queue_max)
+        await node_log.start()
+        server = LogServer(node_log, log_socket(cfg))
+        await server.start()
+    else:
+        store = await open_store(
+            cfg.db_path, writable=False, busy_timeout_ms=cfg.db_busy_timeout_ms
+        )
+    checker = auth.TokenChecker(secret, await store.token_versions())
+    checker.banned = set(await store.banned_users())
+    shard = Shard(cfg, store, checker, index)
+    tls_context = tls.server_context(cfg)
+    bus: LocalLink | UnixLogLink
+    if node_log is not None:
+        bus = LocalLink(node_log, shard)
+        await shard.start(bus, tls=tls_context)
+        bus.connect()
+    else:
+        bus = UnixLogLink(log_socket(cfg), index, shard)
+        await shard.start(bus, tls=tls_context)
+        bus.start()
 
     def on_message(verb: str, payload: Any) -> None:
         if verb == "drain":
@@ -202,22 +291,38 @@ async def run_shard(cfg: Config, index: int, conn: Connection) -> int:
         elif verb == "ask":
             req, what, args = payload
             link.send("answer", (req, shard.answer(what, args)))
+        elif verb == "reload_tls":
+            _reload_tls(tls_context, cfg)
         elif verb == "log_level":
             _set_log_level(payload)
 
     link = Link(conn, on_message, stop.set)
     link.start()
-    if not await bus.wait_up(READY_WAIT_S):
+    if isinstance(bus, UnixLogLink) and not await bus.wait_up(READY_WAIT_S):
         log.warning("shard %d: the log has not answered yet; serving, submissions wait", index)
     link.send("ready", {"port": shard.port})
-    log.info("shard %d serving on port %d", index, shard.port)
-    reporter = asyncio.get_running_loop().create_task(_report(link, shard.figures))
+    log.info("shard %d serving on port %d%s", index, shard.port,
+             " (with the node's log)" if hosts_log else "")
+
+    def figures() -> dict[str, Any]:
+        out = shard.figures()
+        if node_log is not None:
+            out.update(node_log.figures())
+        return out
+
+    reporter = asyncio.get_running_loop().create_task(_report(link, figures))
     await stop.wait()
     reporter.cancel()
     log.info("shard %d draining: %d connections", index, shard.registry.count)
     await shard.drain(cfg.drain_timeout_s, int(close_code[0]), str(close_code[1]))
     await bus.close()
-    await reader.close()
+    if node_log is not None and server is not None:
+        try:
+            await asyncio.wait_for(node_log.close(), cfg.drain_timeout_s)
+        except TimeoutError:
+            log.error("log: %d queued messages not committed in time", node_log.queued)
+        await server.close()
+    await store.close()
     link.close()
     log.info("shard %d stopped", index)
     return 0
@@ -244,16 +349,22 @@ async def run_api(cfg: Config, index: int, conn: Connection) -> int:
     stop = asyncio.Event()
     _child_signals(stop)
     secret = auth.load_or_create_secret(cfg.data_path)
-    store = await open_store(cfg.db_path, synchronous=cfg.db_synchronous)
+    store = await open_store(
+        cfg.db_path, synchronous=cfg.db_synchronous, busy_timeout_ms=cfg.db_busy_timeout_ms
+    )
     control = UnixControl(log_socket(cfg))
     app = make_app(cfg, store, secret, control)
     ctx = app[CTX]
+
+    tls_context = tls.server_context(cfg)
 
     def on_message(verb: str, payload: Any) -> None:
         if verb == "drain":
             stop.set()
         elif verb == "metrics":
             ctx.metrics = payload
+        elif verb == "reload_tls":
+            _reload_tls(tls_context, cfg)
         elif verb == "log_level":
             _set_log_level(payload)
 
@@ -265,11 +376,15 @@ async def run_api(cfg: Config, index: int, conn: Connection) -> int:
         shutdown_timeout=cfg.drain_timeout_s / 2,
     )
     await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.api_port, reuse_port=True, backlog=1024)
+    site = web.TCPSite(runner, cfg.host, cfg.api_port, reuse_port=True, backlog=1024,
+                       ssl_context=tls_context)
     await site.start()
     link.send("ready", {"port": cfg.api_port})
     log.info("api %d serving on port %d", index, cfg.api_port)
+    # its loop turns: the supervisor's stuck-child check hears it
+    reporter = asyncio.get_running_loop().create_task(_report(link, dict))
     await stop.wait()
+    reporter.cancel()
     await runner.cleanup()
     await control.close()
     await store.close()

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 import time
 from typing import Any, Final
 from urllib.parse import parse_qs
@@ -221,6 +222,8 @@ class Conn(WSListener):
         if not sess.allow(_monotonic()):
             shard.close(sess, CLOSE_RATE_LIMITED, "rate limited")
             return
+        shard.frames_in += 1
+        shard.bytes_in += len(data)
         sess.binary = binary
         try:
             msg = decode_msgpack(data) if binary else decode_json(data)
@@ -300,10 +303,18 @@ class Shard:
         self.draining = False
         self.port = 0
         self._server: asyncio.Server | None = None
+        self._direct: asyncio.Server | None = None
+        self._tls: ssl.SSLContext | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._answered: asyncio.Event | None = None
         # figures
         self.frames_in = 0
+        #: message payload bytes read, frame bytes written
+        self.bytes_in = 0
+        self.bytes_out = 0
+        #: batches and items the log sent here (targeted routing shows in them)
+        self.batches_in = 0
+        self.items_in = 0
         self.closes: dict[int, int] = {}
         self.auth_failures = 0
 
@@ -318,10 +329,13 @@ class Shard:
         if not task.cancelled() and task.exception() is not None:
             log.error("task failed", exc_info=task.exception())
 
-    async def start(self, link: LogLink, sock: Any = None, port: int | None = None) -> None:
-        """Listen on the chat port (SO_REUSEPORT) with ``link`` to the node's log."""
+    async def start(self, link: LogLink, sock: Any = None, port: int | None = None,
+                    tls: ssl.SSLContext | None = None) -> None:
+        """Listen on the chat port (SO_REUSEPORT) with ``link`` to the node's log
+        (``tls``: wss://)."""
         cfg = self.cfg
         self.link = link
+        self._tls = tls
         kwargs: dict[str, Any] = (
             {"sock": sock}
             if sock is not None
@@ -331,19 +345,26 @@ class Shard:
                 "reuse_port": True,
             }
         )
-        self._server = await ws_create_server(
+        self._server = await self._listen(**kwargs)
+        self.port = self._server.sockets[0].getsockname()[1]
+        if cfg.shard_base_port:
+            # this shard alone, for diagnostics and placement (no SO_REUSEPORT)
+            self._direct = await self._listen(host=cfg.host, port=cfg.shard_base_port + self.index)
+        self.spawn(self._sweep())
+
+    async def _listen(self, **where: Any) -> asyncio.Server:
+        return await ws_create_server(
             self.route,
             backlog=4096,
-            max_frame_size=cfg.max_frame_bytes,
+            max_frame_size=self.cfg.max_frame_bytes,
             read_buffer_init_size=256,
             use_aiofastnet=False,
             enable_auto_pong=True,
             websocket_handshake_timeout=10,
             logger_name=_WS_LOG,
-            **kwargs,
+            ssl=self._tls,
+            **where,
         )
-        self.port = self._server.sockets[0].getsockname()[1]
-        self.spawn(self._sweep())
 
     def preview_of(self, url: str) -> str:
         """The preview url of an uploaded image ``url`` ("" if none).
@@ -450,7 +471,6 @@ class Shard:
 
     def handle(self, sess: Session, msg: Message) -> None:
         """Act on one valid client frame."""
-        self.frames_in += 1
         verdict = sess.accept(msg, self.hw)
         if verdict is Verdict.SUBMIT:
             if msg.media == MEDIA_IMAGE and not msg.pic:
@@ -497,6 +517,7 @@ class Shard:
         conn = sess.conn
         data = sess.take_out()
         if data is not None and not conn.tr.is_disconnected:
+            self.bytes_out += len(data)
             conn.write(data)
         if sess.close_frame is not None:
             code, reason = sess.close_frame
@@ -562,13 +583,16 @@ class Shard:
 
     def on_batch(self, items: list[AnyItem], hw: int) -> None:
         """Items from the log, in the node's order: ack, deliver, place, change."""
+        self.batches_in += 1
+        self.items_in += len(items)
         touched = self._touched
         slow: list[Session] = []
         inflight = self._inflight
         fanout = self.fanout
         for item in items:
-            if isinstance(item, Deliver):
-                fanout.deliver(item.msg, None, touched, slow)
+            kind = type(item)
+            if kind is Deliver:
+                fanout.deliver(item.msg, None, touched, slow)  # type: ignore[union-attr]
             elif isinstance(item, Acked):
                 entry = inflight.pop(item.seq, None)
                 if entry is None:
@@ -683,8 +707,9 @@ class Shard:
         Bounded by ``timeout_s``: connections still open then are aborted.
         """
         self.draining = True
-        if self._server is not None:
-            self._server.close()
+        for server in (self._server, self._direct):
+            if server is not None:
+                server.close()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         try:
@@ -720,6 +745,12 @@ class Shard:
                 }
                 for sess in self.registry.get(int(args[0])) or ()
             ]
+        if what == "kick":
+            uid, code = int(args[0]), int(args[1])
+            sessions = [s for s in self.registry.get(uid) or () if s.state is not CLOSING]
+            for sess in sessions:
+                self.close(sess, code, "closed by an operator")
+            return len(sessions)
         if what == "figures":
             return self.figures()
         return None
@@ -730,6 +761,10 @@ class Shard:
             "connections": self.registry.count,
             "users": self.registry.users,
             "frames_in": self.frames_in,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "batches_in": self.batches_in,
+            "items_in": self.items_in,
             "deliveries": self.fanout.delivered,
             "closes": dict(self.closes),
             "auth_failures": self.auth_failures,

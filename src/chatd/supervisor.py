@@ -40,7 +40,7 @@ from typing import Any, Final
 
 import psutil
 
-from chatd import auth
+from chatd import auth, tls
 from chatd.config import Config
 from chatd.control import Link
 from chatd.errors import ConfigError
@@ -83,6 +83,8 @@ class Child:
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     restarts: int = 0
     status: dict[str, Any] = field(default_factory=dict)
+    #: when the last status came (its loop turns; monotonic seconds)
+    reported_at: float = 0.0
     #: retired (admin drain / scale down): not restarted, removed once gone
     retired: bool = False
     watcher: asyncio.Task[None] | None = None
@@ -126,6 +128,7 @@ class Supervisor:
         free port": the supervisor picks it so that every child binds the same).
         """
         cfg = self.cfg
+        tls.server_context(cfg)  # a certificate that does not load fails here, once
         cfg.data_path.mkdir(parents=True, exist_ok=True)
         auth.load_or_create_secret(cfg.data_path)
         store = await open_store(cfg.db_path, synchronous=cfg.db_synchronous)
@@ -183,7 +186,7 @@ class Supervisor:
         proc.start()
         child_end.close()
         child.proc = proc
-        child.started_at = time.monotonic()
+        child.started_at = child.reported_at = time.monotonic()
         child.ready.clear()
         child.exited.clear()
         child.link = Link(
@@ -197,6 +200,7 @@ class Supervisor:
             child.ready.set()
         elif verb == "status":
             child.status = payload
+            child.reported_at = time.monotonic()
         elif verb == "answer":
             req, value = payload
             future = self._asks.pop(req, None)
@@ -262,6 +266,9 @@ class Supervisor:
             child.status = {}
             self._spawn(child)
 
+    def _hosts_log(self, child: Child) -> bool:
+        return child.role == SHARD and child.index == 0 and self._child_cfg.log_in_shard
+
     def of_role(self, role: str) -> list[Child]:
         return [c for c in self.children if c.role == role]
 
@@ -284,7 +291,7 @@ class Supervisor:
         False if there is no such shard or it is the last one."""
         serving = self.shards()
         child = next((c for c in serving if c.index == index), None)
-        if child is None or len(serving) <= 1:
+        if child is None or len(serving) <= 1 or self._hosts_log(child):
             return False
         child.retired = True
         if child.link is not None:
@@ -299,7 +306,8 @@ class Supervisor:
             raise ValueError(f"a node runs 1 to {MAX_SHARDS} shards")
         while len(self.shards()) < n:
             await self.add_shard()
-        extra = self.shards()[n:]
+        # the highest indexes go first; a shard that runs the log stays
+        extra = [c for c in self.shards() if not self._hosts_log(c)][::-1][: len(self.shards()) - n]
         for child in extra:
             await self.retire_shard(child.index, wait=False)
         for child in extra:
@@ -346,11 +354,12 @@ class Supervisor:
         admin = AdminServer(self, cfg.run_path / "admin.sock")
         await admin.start()
         # the log first: the shards and the API worker connect to it
-        self._new_child(LOG, 0)
-        started = await self._until_ready(self.of_role(LOG))
+        first = self._new_child(SHARD, 0) if cfg.log_in_shard else self._new_child(LOG, 0)
+        started = await self._until_ready([first])
         if started:
             for index in range(cfg.shard_count):
-                self._new_child(SHARD, index)
+                if not (cfg.log_in_shard and index == 0):
+                    self._new_child(SHARD, index)
             if API in self._mains:
                 self._new_child(API, 0)
             started = await self._until_ready(self.children)
@@ -426,6 +435,11 @@ class Supervisor:
             changed.remove("log_level")
             self.cfg = replace(self.cfg, log_level=new.log_level)
             log.warning("reload: log_level is now %s", new.log_level)
+        if self.cfg.tls_cert:
+            # renewed certificate files: every child reads them again
+            for child in self.children:
+                if child.role in (SHARD, API) and child.link is not None:
+                    child.link.send("reload_tls")
         if changed:
             log.warning("reload: %s changed; that takes a restart", ", ".join(changed))
         else:
@@ -437,8 +451,14 @@ class Supervisor:
         self.draining = True
         self._stop.set()
         deadline = asyncio.get_running_loop().time() + self._child_cfg.drain_timeout_s + 5
-        for role in (SHARD, API, LOG):
-            group = self.of_role(role)
+        shards = self.of_role(SHARD)
+        # shards first, the API worker, then the log (or the shard that runs it)
+        groups = [
+            [c for c in shards if not self._hosts_log(c)],
+            self.of_role(API),
+            [*self.of_role(LOG), *(c for c in shards if self._hosts_log(c))],
+        ]
+        for group in groups:
             for child in group:
                 if child.link is not None:
                     child.link.send("drain")
@@ -477,18 +497,33 @@ class Supervisor:
             children.append(entry)
         return {"children": children}
 
+    def _kill_stuck(self) -> None:
+        """Kill a child whose loop stopped turning (no status for ``stuck_after_s``);
+        its watcher restarts it. A child that is starting has not reported yet."""
+        now = time.monotonic()
+        limit = self._child_cfg.stuck_after_s
+        for child in self.children:
+            proc = child.proc
+            if (proc is None or child.exited.is_set() or not child.ready.is_set()
+                    or now - child.reported_at < limit):
+                continue
+            log.error("%s has not reported for %.0f s: its loop is stuck; killing it",
+                      child.name, now - child.reported_at)
+            child.reported_at = now  # once per stuck spell
+            proc.kill()
+
     async def _report_status(self) -> None:
         watchdog = watchdog_interval_s()
         period = min(watchdog, METRICS_PERIOD_S) if watchdog else METRICS_PERIOD_S
         while True:
+            self._kill_stuck()
             snapshot = self.snapshot()
             for child in self.of_role(API):
                 if child.link is not None:
                     child.link.send("metrics", snapshot)
             shards = self.of_role(SHARD)
             conns = sum(int(c.status.get("connections", 0)) for c in shards)
-            logs = self.of_role(LOG)
-            messages = sum(int(c.status.get("committed", 0)) for c in logs)
+            messages = sum(int(c.status.get("committed", 0)) for c in self.children)
             log_up = all(bool(c.status.get("log_up", True)) for c in shards)
             notify(
                 f"STATUS={conns} connections on {len(self.shards())} shards, {messages} messages"

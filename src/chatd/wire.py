@@ -70,6 +70,7 @@ CLOSE_SERVER_ERROR: Final = 1011
 CLOSE_SERVICE_RESTART: Final = 1012
 CLOSE_TRY_AGAIN: Final = 1013
 CLOSE_IDLE: Final = 4000
+CLOSE_KICKED: Final = 4001  # an operator closed it (chatd admin kick); it may reconnect
 CLOSE_RATE_LIMITED: Final = 4008
 CLOSE_SLOW_CONSUMER: Final = 4009
 CLOSE_REPLACED: Final = 4010

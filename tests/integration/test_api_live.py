@@ -4,8 +4,12 @@ reaches a connected websocket client at once, without a reconnect."""
 from __future__ import annotations
 
 import api_helpers
+import pytest
 from api_helpers import Api
 from conftest import connect, http_request, send_acked
+
+# every test here on one shard and on two (users on different shards)
+pytestmark = pytest.mark.layouts("1", "2")
 
 # the API fixtures (api_helpers)
 api = api_helpers.api
@@ -59,14 +63,15 @@ async def test_created_group_reaches_its_connected_owner(api: Api) -> None:
 async def test_revoke_closes_live_connections_and_voids_the_token(api: Api) -> None:
     user = await api.register("revoker")
     uid, token = user["id"], user["token"]
-    client = await connect(api.node.url(uid, token))
-    second = await connect(api.node.url(uid, token))
+    shards = range(len(api.node.shards))
+    clients = [await connect(api.node.url(uid, token, shard=i)) for i in shards for _ in (1, 2)]
     await api.ok("/user/revoke", data={"userid": uid, "token": token})
-    assert await client.wait_closed() == 4501
-    assert await second.wait_closed() == 4501
-    status, _, _ = await http_request(api.node.port, _handshake(uid, token))
-    assert status == 401
-    # a new login gives a token that the shard accepts
+    for client in clients:
+        assert await client.wait_closed() == 4501
+    # every shard refuses the old token, and takes a new login's
     again = await api.ok("/user/login", data={"mobile": user["mobile"], "passwd": "secret1"})
-    status, _, _ = await http_request(api.node.port, _handshake(uid, again["token"]))
-    assert status == 101
+    for shard in api.node.shards:
+        status, _, _ = await http_request(shard.port, _handshake(uid, token))
+        assert status == 401
+        status, _, _ = await http_request(shard.port, _handshake(uid, again["token"]))
+        assert status == 101

@@ -6,8 +6,12 @@ import asyncio
 import json
 
 import msgspec
+import pytest
 from conftest import UNIT, Client, Node, connect, connect_typed, send_acked, sync_all
 from websockets.asyncio.client import connect as ws_connect
+
+# every test here on one shard and on two (users on different shards)
+pytestmark = pytest.mark.layouts("1", "2")
 
 
 async def online(node: Node, uid: int) -> Client:
@@ -202,3 +206,26 @@ async def test_leave_and_enter_the_live_stream_of_a_group(node: Node) -> None:
     # what was skipped live is there through sync
     frames, end = await sync_all(b)
     assert g1["id"] in [f["id"] for f in frames]
+
+
+HOSTILE_TEXTS = [
+    "'); DROP TABLE messages; --",
+    "\" OR 1=1 --",
+    "%s %d ? :uid $1 {0}",
+    "null \u0000 byte",
+    "<script>alert(1)</script>",
+    "\u202eRTL override \U0001f600",
+]
+
+
+async def test_sql_and_markup_looking_text_is_stored_and_delivered_verbatim(node: Node) -> None:
+    alice, bob = await node.user(), await node.user()
+    a = await online(node, alice)
+    b = await online(node, bob)
+    for i, text in enumerate(HOSTILE_TEXTS):
+        a.send(cmd=10, dstid=bob, media=1, content=text, memo=text, cid=f"h{i}")
+    copies = [await b.recv() for _ in HOSTILE_TEXTS]
+    assert [(c["content"], c["memo"]) for c in copies] == [(t, t) for t in HOSTILE_TEXTS]
+    replay = await node.store.sync_page(bob, 0, 1 << 62, 100)
+    assert [m.content for m in replay] == HOSTILE_TEXTS
+    assert await node.store.max_message_id() == len(HOSTILE_TEXTS)  # the table is intact

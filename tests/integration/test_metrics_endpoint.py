@@ -76,6 +76,9 @@ async def test_metrics_count_connections_messages_and_deliveries(tmp_path: Path)
         # exact: nothing counted twice, nothing counted that did not happen
         assert node_total(values, "chatd_messages_stored_total") == n + 1
         assert node_total(values, "chatd_deliveries_total") == n  # bob's copies only
+        assert node_total(values, "chatd_frames_received_total") == n + 1
+        assert node_total(values, "chatd_received_bytes_total") > 0
+        assert node_total(values, "chatd_sent_bytes_total") > 0
         assert node_total(values, "chatd_connections") == 2
         assert node_total(values, "chatd_online_users") == 2
         assert node_total(values, "chatd_store_queue") == 0

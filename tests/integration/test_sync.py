@@ -11,6 +11,9 @@ import pytest
 from conftest import UNIT, Client, Node, connect, send_acked, sync_all
 from picows import WSHandshakeError
 
+# every test here on one shard and on two (users on different shards)
+pytestmark = pytest.mark.layouts("1", "2")
+
 
 async def online(node: Node, uid: int) -> Client:
     client = await connect(node.url(uid))
@@ -376,7 +379,7 @@ async def test_a_revocation_reaches_a_connection_not_placed_yet(
 
     monkeypatch.setattr(node.store, "group_ids_of", held_back)
     a = await connect(node.url(alice), settle=False)
-    await _until(lambda: alice in node.shard.pending and node.log.busy)
+    await _until(lambda: alice in node.shard_for(alice).pending and node.log.busy)
     revoke = asyncio.ensure_future(node.log.revoke_tokens(alice))
     release.set()
     assert await revoke == 1
@@ -401,7 +404,7 @@ async def test_a_join_while_the_groups_are_read_is_not_lost(
 
     monkeypatch.setattr(node.store, "group_ids_of", read_then_wait)
     a = await connect(node.url(alice), settle=False)
-    await _until(lambda: alice in node.shard.pending and node.log.busy)
+    await _until(lambda: alice in node.shard_for(alice).pending and node.log.busy)
     join = asyncio.ensure_future(node.log.join_group(gid, alice))
     release.set()
     assert await join

@@ -277,8 +277,10 @@ def test_held_copies_have_a_bound() -> None:
 
 
 def test_a_close_lets_the_answers_out_then_the_close_frame() -> None:
-    """any --close()--> CLOSING: nothing more is read or delivered live; the
-    answers to messages handed to the log still go out, then the close frame."""
+    """any --close()--> CLOSING: nothing more is read; the answers to messages
+    handed to the log still go out, with the live copies among them (a client
+    that may come back resumes from the highest id it got), then the close
+    frame, and then nothing more is delivered."""
     sess = Session(UID, Limits())
     sess.on_here(frozenset(), 0)
     submit(sess, "c1")
@@ -287,11 +289,13 @@ def test_a_close_lets_the_answers_out_then_the_close_frame() -> None:
     assert sess.state is CLOSING and sess.close_frame is None and sess.writable
     assert sess.accept(Message(cmd=CMD_HEARTBEAT), 0) is Verdict.DONE
     sess.on_acked(2, 2, "c1", True)
-    assert sess.deliver(pm(3), framed(pm(3), False)) == IGNORED
+    assert sess.deliver(pm(3), framed(pm(3), False)) == DELIVERED
     assert sess.close_frame is None
     sess.on_refused(ERR_SERVER, "not stored", "c2")
     assert sess.close_frame == (1001, "going away") and not sess.writable
-    assert [(f["cmd"], f["cid"]) for f in out(sess)] == [(CMD_ACK, "c1"), (CMD_ERROR, "c2")]
+    assert [(f["cmd"], f.get("cid")) for f in out(sess)] == [
+        (CMD_ACK, "c1"), (CMD_PRIVATE, None), (CMD_ERROR, "c2")]
+    assert sess.deliver(pm(4), framed(pm(4), False)) == IGNORED
     sess.close(1000, "")  # a second close changes nothing
     assert sess.close_frame == (1001, "going away")
 
@@ -479,21 +483,21 @@ def test_a_raised_bound_sends_a_held_ack_in_its_place_among_the_pages() -> None:
 
 
 def test_a_close_on_a_live_session_acks_nothing_above_a_copy_it_did_not_send() -> None:
-    """A closing connection gets no more live copies, but its messages' answers
-    still go out: an ack of 2 after the copy of 1 was left out would make 2 the
-    client's resume point, past 1. That ack becomes "send again" instead; one
-    below every copy left out is still an ack."""
+    """A connection closed for a revocation gets no more live copies, but its
+    messages' answers still go out: an ack of 3 after the copy of 2 was left
+    out would make 3 the client's resume point, past 2. That ack becomes "send
+    again" instead; one below every copy left out is still an ack."""
     sess = Session(UID, Limits())
     sess.on_here(frozenset(), 0)
     submit(sess, "c1")
     submit(sess, "c2")
-    sess.close(1001, "going away")
+    sess.close(4501, "token revoked")
     sess.on_acked(1, 1, "c1", True)  # nothing was left out below it
     assert sess.deliver(pm(2), framed(pm(2), False)) == IGNORED
     sess.on_acked(3, 3, "c2", True)
     assert [(f["cmd"], f.get("id"), f["cid"]) for f in out(sess)] == [
         (CMD_ACK, 1, "c1"), (CMD_ERROR, None, "c2")]
-    assert sess.close_frame == (1001, "going away")
+    assert sess.close_frame == (4501, "token revoked")
 
 
 # --- the state machine ----------------------------------------------------------
@@ -584,6 +588,9 @@ class SessionMachine(RuleBasedStateMachine):
         self.pending: list[Message] = []  # submitted, not answered by the log
         self.page: list[Message] | None = None  # read from the store, not handed over yet
         self.disc = False
+        #: closed from LIVE with a code the client may come back after: the
+        #: copies among the answers still due go out
+        self.closing_live = False
 
         # the client's view
         self.base: int | None = resume if resume >= 0 else None
@@ -755,6 +762,8 @@ class SessionMachine(RuleBasedStateMachine):
         state = sess.state
         if state is LIVE or state is SYNCING:
             assert done in (DELIVERED, OVERFLOW)
+        elif state is CLOSING and self.closing_live and self.pending:
+            assert done == DELIVERED
         else:
             assert done == IGNORED
         if done == OVERFLOW:
@@ -1041,6 +1050,7 @@ class SessionMachine(RuleBasedStateMachine):
         if now:
             return
         if code:
+            self.closing_live = self.sess.state is LIVE and code < 4500
             self.sess.close(code, "bye")
             assert self.sess.state is CLOSING or self.sess.state is CLOSED
         else:

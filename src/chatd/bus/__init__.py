@@ -78,3 +78,6 @@ class Control(Protocol):
 
     async def set_banned(self, uid: int, banned: bool) -> bool:
         """Ban (or unban) ``uid``; False if it already was."""
+
+    async def broadcast(self, text: str, gid: int | None = None) -> int:
+        """A system message to every user (or group ``gid``); its id."""

@@ -4,7 +4,8 @@ Pure: msgspec structs and their MessagePack codecs, nothing else. On the
 in-process bus the same objects are handed over as they are; on the Unix
 socket bus each frame is one length-prefixed MessagePack value.
 
-Up (shard → log), in the order the shard produced them:
+Up (shard → log), in the order the shard produced them, gathered in one
+``Burst`` per pass of the shard's event loop:
 
 - ``Hello(shard)`` once, first: the port is shard ``shard``;
 - ``Submit(seq, msg)``: a validated client message (``seq`` is the shard's
@@ -60,6 +61,13 @@ class Online(Up, tag="on"):
 
 class Offline(Up, tag="off"):
     uid: int
+
+
+class Burst(Up, tag="u"):
+    """What a shard sent in one pass of its event loop: submissions and
+    presence, in order (one frame, one decode, whatever their number)."""
+
+    items: list[Submit | Online | Offline]
 
 
 class Call(Up, tag="call"):
@@ -149,7 +157,7 @@ class Result(Down, tag="res"):
     error: str = ""
 
 
-AnyUp = Hello | Submit | Online | Offline | Call
+AnyUp = Hello | Submit | Online | Offline | Burst | Call
 AnyDown = Welcome | Batch | Result
 
 encode = msgspec.msgpack.Encoder().encode

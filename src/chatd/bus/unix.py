@@ -38,6 +38,7 @@ from chatd.bus import LogListener
 from chatd.bus.frames import (
     AnyItem,
     Batch,
+    Burst,
     Call,
     Hello,
     Offline,
@@ -115,7 +116,9 @@ class _Framed(asyncio.Protocol):
 # --- the log's side ---------------------------------------------------------------
 
 #: the operations a control client may call, with the log's method for each
-_OPS: Final = ("create_group", "join_group", "leave_group", "revoke_tokens", "set_banned")
+_OPS: Final = (
+    "create_group", "join_group", "leave_group", "revoke_tokens", "set_banned", "broadcast"
+)
 
 
 class _LogConn(_Framed):
@@ -125,18 +128,27 @@ class _LogConn(_Framed):
         super().__init__()
         self.server = server
         self.port_id = 0
+        #: the shard index its Hello gave (-1: a control client)
+        self.shard = -1
 
     def on_frame(self, payload: bytes) -> None:
         node_log = self.server.log
         msg = decode_up(payload)
-        if isinstance(msg, Submit):
-            if not node_log.submit(self.port_id, msg.seq, msg.msg):
-                self.send([Refused(msg.seq, ERR_BUSY, "server busy, retry later")], node_log.hw)
-        elif isinstance(msg, Online):
-            node_log.online(self.port_id, msg.uid)
-        elif isinstance(msg, Offline):
-            node_log.offline(self.port_id, msg.uid)
+        if isinstance(msg, Burst):
+            port = self.port_id
+            refused: list[AnyItem] = []
+            for item in msg.items:
+                if isinstance(item, Submit):
+                    if not node_log.submit(port, item.seq, item.msg):
+                        refused.append(Refused(item.seq, ERR_BUSY, "server busy, retry later"))
+                elif isinstance(item, Online):
+                    node_log.online(port, item.uid)
+                else:
+                    node_log.offline(port, item.uid)
+            if refused:
+                self.send(refused, node_log.hw)
         elif isinstance(msg, Hello):
+            self.shard = msg.shard
             self.port_id, welcome = node_log.attach(self)
             self._write(encode(welcome))
             log.info("shard %d connected (port %d)", msg.shard, self.port_id)
@@ -258,7 +270,7 @@ class UnixLogLink:
         self.listener = listener
         self._conn: _ShardConn | None = None
         self._up = False
-        self._out: list[bytes] = []
+        self._out: list[Submit | Online | Offline] = []
         self._flush_soon = False
         self._task: asyncio.Task[None] | None = None
         self._first = asyncio.Event()
@@ -308,8 +320,8 @@ class UnixLogLink:
         self._first.set()
         self.listener.on_welcome(welcome)
 
-    def _send(self, payload: bytes) -> None:
-        self._out.append(frame(payload))
+    def _send(self, item: Submit | Online | Offline) -> None:
+        self._out.append(item)
         if not self._flush_soon:
             self._flush_soon = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -319,7 +331,7 @@ class UnixLogLink:
         out, self._out = self._out, []
         conn = self._conn
         if out and conn is not None and conn.transport is not None:
-            conn.transport.write(b"".join(out))
+            conn.transport.write(frame(encode(Burst(out))))
 
     def submit(self, seq: int, msg: Message) -> bool:
         conn = self._conn
@@ -327,16 +339,16 @@ class UnixLogLink:
             return False
         if conn.transport.get_write_buffer_size() > LINK_BUFFER_MAX_BYTES:
             return False
-        self._send(encode(Submit(seq, msg)))
+        self._send(Submit(seq, msg))
         return True
 
     def online(self, uid: int) -> None:
         if self._up:
-            self._send(encode(Online(uid)))
+            self._send(Online(uid))
 
     def offline(self, uid: int) -> None:
         if self._up:
-            self._send(encode(Offline(uid)))
+            self._send(Offline(uid))
 
     async def close(self) -> None:
         if self._task is not None:
@@ -445,6 +457,9 @@ class UnixControl:
 
     async def set_banned(self, uid: int, banned: bool) -> bool:
         return bool(await self.call("set_banned", uid, banned))
+
+    async def broadcast(self, text: str, gid: int | None = None) -> int:
+        return int(await self.call("broadcast", text, gid))
 
     async def close(self) -> None:
         if self._conn is not None and self._conn.transport is not None:

@@ -42,10 +42,18 @@ from chatd.bus.frames import (
     Unbanned,
     Welcome,
 )
-from chatd.errors import StoreError, StoreUnavailable
+from chatd.errors import NotFoundError, StoreError, StoreUnavailable
 from chatd.log.presence import Presence
-from chatd.store import DUPLICATE, NO_RECEIVER, STORED, Store
-from chatd.wire import CMD_PRIVATE, ERR_BUSY, ERR_NOT_FOUND, ERR_SERVER, Message
+from chatd.store import BROADCAST, DUPLICATE, NO_RECEIVER, STORED, SYSTEM_USER, Store
+from chatd.wire import (
+    CMD_GROUP,
+    CMD_PRIVATE,
+    ERR_BUSY,
+    ERR_NOT_FOUND,
+    ERR_SERVER,
+    MEDIA_TEXT,
+    Message,
+)
 
 log = logging.getLogger("chatd.log")
 
@@ -242,6 +250,34 @@ class Log:
 
         return bool(await self._control(op))
 
+    async def broadcast(self, text: str, gid: int | None = None) -> int:
+        """A system message (sender ``SYSTEM_USER``) to every user, online or not,
+        or to the members of group ``gid``: stored and ordered like any other
+        (sync returns it); the id it was stored as."""
+        if gid is not None and await self.store.group_by_id(gid) is None:
+            raise NotFoundError(f"no group {gid}")
+        msg = Message(
+            userid=SYSTEM_USER,
+            cmd=CMD_PRIVATE if gid is None else CMD_GROUP,
+            dstid=BROADCAST if gid is None else gid,
+            media=MEDIA_TEXT,
+            content=text,
+        )
+
+        async def op() -> int:
+            [status] = await self.store.append([msg])
+            if status != STORED:
+                raise StoreError(f"the broadcast was not stored ({status})")
+            self.committed = self.store.committed
+            deliver = Deliver(msg)
+            targets = self._ports if gid is None else self.presence.group_targets(gid)
+            for port in list(targets):
+                self._emit(port, deliver)
+            self.hw = max(self.hw, msg.id)
+            return msg.id
+
+        return int(await self._control(op))
+
     def _announce_join(self, uid: int, gid: int) -> None:
         for port in self.presence.join(uid, gid):
             self._emit(port, Joined(uid, gid))
@@ -341,7 +377,9 @@ class Log:
                     targets: Any = presence.ports_of(msg.dstid)
                     if msg.dstid != msg.userid:
                         mine = presence.ports_of(msg.userid)
-                        if mine:
+                        # the sender's other devices on other shards (most
+                        # senders have one device: no set to build)
+                        if mine and (len(mine) > 1 or port_id not in mine):
                             targets = {*targets, *mine}
                 else:
                     targets = presence.group_targets(msg.dstid)

@@ -88,7 +88,7 @@ class Presence:
                 self._count(gid, port, -1)
         return frozenset(self.users.get(uid, ()))
 
-    def ports_of(self, uid: int) -> Iterable[int]:
+    def ports_of(self, uid: int) -> Collection[int]:
         """The ports that hold a connection of ``uid``."""
         return self.users.get(uid, _NO_PORTS)
 

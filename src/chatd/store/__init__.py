@@ -21,7 +21,9 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Final, Protocol
+
+import msgspec
 
 from chatd.wire import Message
 
@@ -29,6 +31,38 @@ from chatd.wire import Message
 STORED: Final = 0  # a new row: deliver it
 DUPLICATE: Final = 1  # the same (userid, cid) was stored before: ack again, do not deliver
 NO_RECEIVER: Final = 2  # a private message to a user that does not exist
+
+#: the sender of system messages (``chatd admin broadcast``): no user row has it
+SYSTEM_USER: Final = 0
+#: the ``dstid`` of a private system message to every user (sync returns it to all)
+BROADCAST: Final = 0
+
+
+class UserRecord(msgspec.Struct, frozen=True):
+    """A user as stored (``passwd`` is the scrypt hash)."""
+
+    id: int
+    mobile: str
+    passwd: str
+    nickname: str
+    avatar: str
+    sex: str
+    memo: str
+    token_version: int
+    banned: bool
+    created_ms: int
+
+
+class GroupRecord(msgspec.Struct, frozen=True):
+    """A group (the seed's "community") as stored."""
+
+    id: int
+    name: str
+    ownerid: int
+    icon: str
+    cate: int
+    memo: str
+    created_ms: int
 
 
 class Store(Protocol):
@@ -68,13 +102,13 @@ class Store(Protocol):
     async def add_user(
         self, mobile: str, passwd_hash: str, nickname: str = "", avatar: str = "", sex: str = "U"
     ) -> int | None: ...
-    async def user_by_mobile(self, mobile: str) -> dict[str, Any] | None: ...
-    async def user_by_id(self, uid: int) -> dict[str, Any] | None: ...
+    async def user_by_mobile(self, mobile: str) -> UserRecord | None: ...
+    async def user_by_id(self, uid: int) -> UserRecord | None: ...
     async def add_friend(self, uid: int, dstid: int) -> bool: ...
-    async def friends(self, uid: int) -> list[dict[str, Any]]: ...
-    async def group_by_id(self, gid: int) -> dict[str, Any] | None: ...
-    async def groups_of(self, uid: int) -> list[dict[str, Any]]: ...
-    async def members_of(self, gid: int) -> list[dict[str, Any]]: ...
+    async def friends(self, uid: int) -> list[UserRecord]: ...
+    async def group_by_id(self, gid: int) -> GroupRecord | None: ...
+    async def groups_of(self, uid: int) -> list[GroupRecord]: ...
+    async def members_of(self, gid: int) -> list[UserRecord]: ...
     async def joined_id(self, gid: int, uid: int) -> int | None: ...
     async def private_history(
         self, uid: int, peer: int, after: int, before: int, limit: int, newest: bool
@@ -84,8 +118,16 @@ class Store(Protocol):
     ) -> list[Message]: ...
 
 
-async def open_store(path: Path, *, synchronous: str = "NORMAL", writable: bool = True) -> Store:
-    """Open the node's store (SQLite at ``path``; created and migrated if writable)."""
+async def open_store(
+    path: Path, *, synchronous: str = "NORMAL", writable: bool = True, busy_timeout_ms: int = 10_000
+) -> Store:
+    """Open the node's store (SQLite at ``path``; created and migrated if writable).
+
+    ``busy_timeout_ms``: how long a statement waits for a lock another
+    connection holds before the store answers ``StoreUnavailable``.
+    """
     from chatd.store.sqlite import SqliteStore
 
-    return await SqliteStore.open(path, synchronous=synchronous, writable=writable)
+    return await SqliteStore.open(
+        path, synchronous=synchronous, writable=writable, busy_timeout_ms=busy_timeout_ms
+    )

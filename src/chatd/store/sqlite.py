@@ -37,7 +37,15 @@ import aiosqlite
 import cachetools
 
 from chatd.errors import NotFoundError, StoreError, StoreUnavailable
-from chatd.store import DUPLICATE, NO_RECEIVER, STORED
+from chatd.store import (
+    BROADCAST,
+    DUPLICATE,
+    NO_RECEIVER,
+    STORED,
+    SYSTEM_USER,
+    GroupRecord,
+    UserRecord,
+)
 from chatd.wire import CMD_GROUP, CMD_PRIVATE, Message
 
 log = logging.getLogger("chatd.store")
@@ -113,6 +121,9 @@ _SYNC_SQL: Final = f"""
     SELECT {_MSG_COLUMNS} FROM messages
      WHERE userid = :uid AND id > :after AND id < :before AND cmd = {CMD_PRIVATE} AND dstid != :uid
     UNION ALL
+    SELECT {_MSG_COLUMNS} FROM messages
+     WHERE cmd = {CMD_PRIVATE} AND dstid = {BROADCAST} AND id > :after AND id < :before
+    UNION ALL
     SELECT m.id, m.userid, m.cmd, m.dstid, m.media, m.content, m.pic, m.url, m.memo,
            m.amount, m.cid, m.ts
       FROM members g JOIN messages m
@@ -131,6 +142,7 @@ _TRANSIENT: Final = frozenset(
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
+_R = TypeVar("_R", UserRecord, GroupRecord)
 
 
 def _translated(fn: Callable[_P, Awaitable[_T]]) -> Callable[_P, Awaitable[_T]]:
@@ -153,6 +165,11 @@ def _translated(fn: Callable[_P, Awaitable[_T]]) -> Callable[_P, Awaitable[_T]]:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _is_broadcast(msg: Message) -> bool:
+    """A system message to every user (``Log.broadcast``; clients cannot send one)."""
+    return msg.dstid == BROADCAST and msg.userid == SYSTEM_USER
 
 
 def row_to_message(row: Sequence[Any]) -> Message:
@@ -193,7 +210,12 @@ class SqliteStore:
 
     @classmethod
     async def open(
-        cls, path: Path, *, synchronous: str = "NORMAL", writable: bool = True
+        cls,
+        path: Path,
+        *,
+        synchronous: str = "NORMAL",
+        writable: bool = True,
+        busy_timeout_ms: int = 10_000,
     ) -> SqliteStore:
         """Open the database at ``path``; a writable open creates and migrates it."""
         writer = None
@@ -203,7 +225,7 @@ class SqliteStore:
             try:
                 await writer.execute("PRAGMA journal_mode=WAL")
                 await writer.execute(f"PRAGMA synchronous={synchronous.upper()}")
-                await writer.execute("PRAGMA busy_timeout=10000")
+                await writer.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
                 await writer.execute("PRAGMA foreign_keys=ON")
                 # a bigger page cache keeps the hot index pages in memory, and a
                 # longer WAL between checkpoints writes each hot page back once per
@@ -218,7 +240,7 @@ class SqliteStore:
             raise StoreError(f"no database at {path}")
         try:
             reader = await aiosqlite.connect(path, isolation_level=None)
-            await reader.execute("PRAGMA busy_timeout=10000")
+            await reader.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
             await reader.execute("PRAGMA query_only=ON")
         except BaseException:
             if writer is not None:
@@ -267,7 +289,7 @@ class SqliteStore:
         for i, msg in enumerate(batch):
             if msg.cid:
                 cids.setdefault((msg.userid, msg.cid), i)
-            if msg.cmd == CMD_PRIVATE and msg.dstid not in known:
+            if msg.cmd == CMD_PRIVATE and msg.dstid not in known and not _is_broadcast(msg):
                 unknown_dst.add(msg.dstid)
         sql = ["SELECT 0, coalesce(max(id), 0), NULL, NULL FROM messages"]
         params: list[Any] = []
@@ -316,7 +338,7 @@ class SqliteStore:
                         msg.id, msg.ts = prior
                         outcomes.append(DUPLICATE)
                         continue
-                if msg.cmd == CMD_PRIVATE and msg.dstid not in known:
+                if msg.cmd == CMD_PRIVATE and msg.dstid not in known and not _is_broadcast(msg):
                     outcomes.append(NO_RECEIVER)
                     continue
                 max_id += 1
@@ -489,13 +511,15 @@ class SqliteStore:
             except StoreError:
                 return None
 
-    async def user_by_mobile(self, mobile: str) -> dict[str, Any] | None:
-        """The user row (password hash included) with this mobile number, or None."""
-        return await self._one(f"SELECT {_USER_COLUMNS} FROM users WHERE mobile = ?", (mobile,))
+    async def user_by_mobile(self, mobile: str) -> UserRecord | None:
+        """The user (password hash included) with this mobile number, or None."""
+        row = await self._one(f"SELECT {_USER_COLUMNS} FROM users WHERE mobile = ?", (mobile,))
+        return None if row is None else UserRecord(*row)
 
-    async def user_by_id(self, uid: int) -> dict[str, Any] | None:
-        """The user row (password hash included) with this id, or None."""
-        return await self._one(f"SELECT {_USER_COLUMNS} FROM users WHERE id = ?", (uid,))
+    async def user_by_id(self, uid: int) -> UserRecord | None:
+        """The user (password hash included) with this id, or None."""
+        row = await self._one(f"SELECT {_USER_COLUMNS} FROM users WHERE id = ?", (uid,))
+        return None if row is None else UserRecord(*row)
 
     async def bump_token_version(self, uid: int) -> int:
         """Void every token of ``uid`` issued so far; the new token version."""
@@ -537,9 +561,9 @@ class SqliteStore:
                 raise
         return added
 
-    async def friends(self, uid: int) -> list[dict[str, Any]]:
-        """The friends of ``uid`` (user rows), oldest friendship first."""
-        return await self._all(
+    async def friends(self, uid: int) -> list[UserRecord]:
+        """The friends of ``uid``, oldest friendship first."""
+        return await self._all(UserRecord,
             f"SELECT {_USER_COLUMNS_U} FROM friends f JOIN users u ON u.id = f.dstid "
             "WHERE f.ownerid = ? ORDER BY f.created_ms, u.id",
             (uid,),
@@ -587,21 +611,22 @@ class SqliteStore:
             )
             return cur.rowcount > 0
 
-    async def group_by_id(self, gid: int) -> dict[str, Any] | None:
-        """The communities row of ``gid``, or None."""
-        return await self._one(f"SELECT {_GROUP_COLUMNS} FROM communities WHERE id = ?", (gid,))
+    async def group_by_id(self, gid: int) -> GroupRecord | None:
+        """The group ``gid``, or None."""
+        row = await self._one(f"SELECT {_GROUP_COLUMNS} FROM communities WHERE id = ?", (gid,))
+        return None if row is None else GroupRecord(*row)
 
-    async def groups_of(self, uid: int) -> list[dict[str, Any]]:
+    async def groups_of(self, uid: int) -> list[GroupRecord]:
         """The groups ``uid`` is a member of, in the order joined."""
-        return await self._all(
+        return await self._all(GroupRecord,
             f"SELECT {_GROUP_COLUMNS_C} FROM members m JOIN communities c ON c.id = m.gid "
             "WHERE m.uid = ? ORDER BY m.created_ms, c.id",
             (uid,),
         )
 
-    async def members_of(self, gid: int) -> list[dict[str, Any]]:
-        """The members of ``gid`` (user rows), in the order they joined."""
-        return await self._all(
+    async def members_of(self, gid: int) -> list[UserRecord]:
+        """The members of ``gid``, in the order they joined."""
+        return await self._all(UserRecord,
             f"SELECT {_USER_COLUMNS_U} FROM members m JOIN users u ON u.id = m.uid "
             "WHERE m.gid = ? ORDER BY m.created_ms, u.id",
             (gid,),
@@ -651,17 +676,14 @@ class SqliteStore:
             rows = [row_to_message(r) for r in await cur.fetchall()]
         return rows[::-1] if newest else rows
 
-    async def _one(self, sql: str, params: Sequence[Any]) -> dict[str, Any] | None:
+    async def _one(self, sql: str, params: Sequence[Any]) -> Sequence[Any] | None:
         async with self._r.execute(sql, params) as cur:
             row = await cur.fetchone()
-            if row is None:
-                return None
-            return dict(zip([d[0] for d in cur.description], row, strict=True))
+        return None if row is None else tuple(row)
 
-    async def _all(self, sql: str, params: Sequence[Any]) -> list[dict[str, Any]]:
-        async with self._r.execute(sql, params) as cur:
-            names = [d[0] for d in cur.description]
-            return [dict(zip(names, r, strict=True)) for r in await cur.fetchall()]
+    async def _all(self, kind: type[_R], sql: str, params: Sequence[Any]) -> list[_R]:
+        rows = await self._r.execute_fetchall(sql, params)
+        return [kind(*row) for row in rows]
 
 
 async def _exists(db: aiosqlite.Connection, table: str, row_id: int) -> bool:
@@ -713,3 +735,71 @@ _GROUP_COLUMNS_C: Final = ", ".join("c." + c.strip() for c in _GROUP_COLUMNS.spl
 for _name, _fn in list(vars(SqliteStore).items()):
     if not _name.startswith("_") and inspect.iscoroutinefunction(_fn):
         setattr(SqliteStore, _name, _translated(_fn))
+
+
+# --- maintenance (chatd db …): plain sqlite3, online, next to a running node ---------
+
+#: pages one step of an online backup copies before letting writers in again
+BACKUP_STEP_PAGES: Final = 1024
+
+
+def backup(path: Path, target: Path) -> int:
+    """Copy the database at ``path`` to ``target`` while the node may write it
+    (SQLite's backup API, in steps), then check the copy; its page count.
+
+    Raises ``StoreError`` if there is no database or the copy is not sound.
+    """
+    if not path.exists():
+        raise StoreError(f"no database at {path}")
+    if target.exists():
+        raise StoreError(f"{target} exists; not overwriting it")
+    try:
+        src = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        try:
+            dst = sqlite3.connect(target)
+            try:
+                src.backup(dst, pages=BACKUP_STEP_PAGES, sleep=0.005)
+                pages = int(dst.execute("PRAGMA page_count").fetchone()[0])
+            finally:
+                dst.close()
+        finally:
+            src.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"backup failed: {exc}") from None
+    problems = check(target)
+    if problems:
+        raise StoreError(f"the backup {target} is not sound: {problems[0]}")
+    return pages
+
+
+def check(path: Path) -> list[str]:
+    """``PRAGMA integrity_check`` of the database at ``path``: its problems (none: [])."""
+    if not path.exists():
+        raise StoreError(f"no database at {path}")
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        try:
+            rows = [str(r[0]) for r in db.execute("PRAGMA integrity_check")]
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"check failed: {exc}") from None
+    return [] if rows == ["ok"] else rows
+
+
+def vacuum(path: Path) -> tuple[int, int]:
+    """Rebuild the database at ``path`` (the node's writers wait while it runs);
+    its size in bytes before and after."""
+    if not path.exists():
+        raise StoreError(f"no database at {path}")
+    before = path.stat().st_size
+    try:
+        db = sqlite3.connect(path, timeout=30, isolation_level=None)
+        try:
+            db.execute("VACUUM")
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"vacuum failed: {exc}") from None
+    return before, path.stat().st_size
