@@ -236,6 +236,10 @@ async def connect(url: str, *, settle: bool = True, **kwargs: Any) -> Client:
     # under uvloop never reported a server close that raced a flood of frames
     kwargs.setdefault("use_aiofastnet", False)
     _, client = await ws_connect(Client, url, **kwargs)
+    if client is None:
+        # picows returns no listener when the connection is lost before the
+        # upgrade completes (a shard killed with it in its accept queue)
+        raise ConnectionResetError(f"{url}: connection lost during the handshake")
     node = _NODES.get(int(url.split(":")[2].split("/")[0]))
     if settle and node is not None:
         await settled(node)
@@ -348,6 +352,8 @@ class TypedClient(Client):
 
 async def connect_typed(url: str, **kwargs: Any) -> TypedClient:
     _, client = await ws_connect(TypedClient, url, **kwargs)
+    if client is None:
+        raise ConnectionResetError(f"{url}: connection lost during the handshake")
     return client  # type: ignore[no-any-return]
 
 
