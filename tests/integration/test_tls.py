@@ -30,9 +30,9 @@ def _write(cert: trustme.LeafCert, folder: Path) -> tuple[Path, Path]:
 
 
 def _serial(port: int, client: ssl.SSLContext) -> int:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-        with client.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-            return int(tls.getpeercert()["serialNumber"], 16)  # type: ignore[index]
+    with (socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+          client.wrap_socket(raw, server_hostname="127.0.0.1") as tls):
+        return int(tls.getpeercert()["serialNumber"], 16)  # type: ignore[index]
 
 
 async def _until_logged(server: ServerProcess, needle: str, timeout: float = 15.0) -> None:
@@ -68,10 +68,9 @@ async def test_wss_and_https_with_a_certificate_renewed_on_sighup(
     c = await connect(url, ssl_context=client)
     [ack] = await send_acked(c, uid, 1, prefix="over-tls")
     assert ack["id"] > 0
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"https://127.0.0.1:{server.api_port}/healthz",
-                               ssl=client) as resp:
-            assert resp.status == 200 and (await resp.json())["status"] == "ok"
+    async with aiohttp.ClientSession() as session, session.get(
+            f"https://127.0.0.1:{server.api_port}/healthz", ssl=client) as resp:
+        assert resp.status == 200 and (await resp.json())["status"] == "ok"
     # a plaintext handshake on the TLS port is never upgraded
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(f"GET /chat?id={uid}&token={token} HTTP/1.1\r\nHost: x\r\n"
