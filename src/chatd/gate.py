@@ -43,6 +43,20 @@ TOO_LARGE_RESPONSE: Final = (
 )
 
 
+class WSLog(logging.LoggerAdapter[logging.Logger]):
+    """The logger picows gets. picows logs a protocol violation of the peer
+    (a frame it cannot accept) as an error; it is the client's fault, not
+    ours, and any client could fill the log with it: it goes out as debug."""
+
+    PEER_FAULTS: Final = ("WS parser error", "on_ws_frame raised WSProtocolError")
+
+    def error(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        if isinstance(msg, str) and msg.startswith(self.PEER_FAULTS):
+            self.debug(msg, *args, **kwargs)
+        else:
+            super().error(msg, *args, **kwargs)
+
+
 class HandshakeGuard(asyncio.BufferedProtocol):
     """Stands in front of one connection's picows protocol until its request
     head is in (see the module docstring)."""

@@ -72,7 +72,7 @@ from chatd.bus.frames import (
 from chatd.config import Config
 from chatd.errors import AuthError, FrameError, StoreError
 from chatd.fanout import Fanout
-from chatd.gate import listen
+from chatd.gate import WSLog, listen
 from chatd.handshake import (
     WS_VERSION,
     AddressLimit,
@@ -107,7 +107,7 @@ from chatd.wire import (
 log = logging.getLogger("chatd.shard")
 #: picows makes a logging.Logger per connection unless given an adapter (~1 KiB
 #: each, never freed from its own bookkeeping): one adapter serves them all
-_WS_LOG = logging.LoggerAdapter(logging.getLogger("chatd.ws"), {})
+_WS_LOG = WSLog(logging.getLogger("chatd.ws"), {})
 
 TEXT: Final = WSMsgType.TEXT
 BINARY: Final = WSMsgType.BINARY

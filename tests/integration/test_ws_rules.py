@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import struct
 from typing import Any
 
@@ -121,6 +122,19 @@ async def test_picows_fails_frames_that_break_the_framing(path: tuple[Node, str]
     ws = await _open(path)
     ws.send(data)
     await _fails_with(ws, 1002)
+
+
+async def test_a_protocol_error_of_the_peer_is_not_logged_as_ours(
+        path: tuple[Node, str], caplog: pytest.LogCaptureFixture) -> None:
+    """picows logs the violations it finds as errors: the client's fault
+    (which any client could repeat to fill the log) goes out as debug."""
+    caplog.set_level(logging.DEBUG, logger="chatd.ws")
+    ws = await _open(path)
+    ws.send(frame(0x3, b"x"))
+    await _fails_with(ws, 1002)
+    faults = [r for r in caplog.records
+              if r.name == "chatd.ws" and "WS parser error" in r.getMessage()]
+    assert faults and all(r.levelno == logging.DEBUG for r in faults)
 
 
 async def test_nothing_is_written_after_a_close_that_picows_sent(path: tuple[Node, str]) -> None:
