@@ -334,7 +334,14 @@ class Device:
             conn.tr.send_close()
             conn.tr.disconnect()
         if self._task is not None:
-            await asyncio.wait_for(self._task, 10 * UNIT)
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), 10 * UNIT)
+            except TimeoutError:
+                # a peer that never answers the close: cut the socket
+                conn = self.conn
+                if conn is not None:
+                    conn.tr.disconnect(False)
+                await asyncio.wait_for(self._task, 10 * UNIT)
             self._task = None
 
     def _socket(self, _parsed: Any) -> socket.socket | None:
@@ -364,6 +371,9 @@ class Device:
                 continue
             delay = 0.02
             self.connects += 1
+            if not self.keep:  # stop() came while this connection was being made
+                conn.tr.send_close()
+                conn.tr.disconnect()
             await conn.closed.wait()
             self.closes.append(conn.close_code)
 
