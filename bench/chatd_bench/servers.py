@@ -208,8 +208,9 @@ class ChatdServer(_Child):
         self.shards = shards
         #: shard i also listens alone on shard_base_port + i (for placement)
         self.shard_base_port = free_port_range(shards) if shards > 1 else 0
+        # every bench client comes from 127.0.0.1: no limit per address
         env = {**os.environ, "CHATD_RATE_LIMIT": "false", "CHATD_LOG_LEVEL": "info",
-               **(extra_env or {})}
+               "CHATD_MAX_CONNS_PER_IP": "0", **(extra_env or {})}
         if self.shard_base_port:
             env["CHATD_SHARD_BASE_PORT"] = str(self.shard_base_port)
         argv = [*_taskset(cpus), sys.executable, "-m", "chatd", "serve", "--host", "127.0.0.1",

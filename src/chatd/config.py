@@ -58,6 +58,18 @@ class Config:
     shard_base_port: _Port = 0
     #: connections one shard accepts; past it the upgrade gets 503 + Retry-After
     max_conns: _Positive = 100_000
+    #: upgraded connections one shard holds from one address (IPv6: one /64);
+    #: past it the upgrade gets 429 + Retry-After; 0 = no limit
+    max_conns_per_ip: Annotated[int, msgspec.Meta(ge=0)] = 1000
+    #: time from accepting a connection to its upgrade (the whole HTTP
+    #: handshake; TLS's too, on its own clock); past it the connection is dropped
+    handshake_timeout_s: _PositiveFloat = 10.0
+    #: largest HTTP request head (request line and headers) on the chat port;
+    #: past it 431 (picows' own limit, 16 KiB, is the ceiling)
+    max_handshake_bytes: Annotated[int, msgspec.Meta(ge=1024, le=16_000)] = 8192
+    #: a test aid, off ("") in production: a path (e.g. "/echo") that answers every
+    #: websocket message with itself, through the chat frame handling (Autobahn)
+    echo_path: str = ""
     #: PEM certificate chain and key: wss:// on the chat port, HTTPS on the api port
     tls_cert: str = ""
     tls_key: str = ""
@@ -159,7 +171,8 @@ def _coerce(key: str, value: Any, from_text: bool) -> Any:
 
 def _check(cfg: Config) -> Config:
     """The rules that the field types cannot say."""
-    for key in ("rate_per_s", "idle_timeout_s", "drain_timeout_s", "stuck_after_s"):
+    for key in ("rate_per_s", "idle_timeout_s", "drain_timeout_s", "stuck_after_s",
+                "handshake_timeout_s"):
         if not math.isfinite(getattr(cfg, key)):
             raise ConfigError(f"{key}: must be a finite number")
     if cfg.db_synchronous.upper() not in ("NORMAL", "FULL"):
@@ -170,6 +183,11 @@ def _check(cfg: Config) -> Config:
         raise ConfigError("log_process: must be auto, own or shard")
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError("log_level: must be debug, info, warning or error")
+    if cfg.echo_path and (
+        not cfg.echo_path.startswith("/") or cfg.echo_path in ("/chat", "/healthz")
+        or "?" in cfg.echo_path
+    ):
+        raise ConfigError("echo_path: must be a path like /echo, other than /chat and /healthz")
     for origin in cfg.allowed_origins:
         if origin != "*" and "://" not in origin:
             raise ConfigError(

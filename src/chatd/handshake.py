@@ -1,5 +1,18 @@
-"""Rules of the websocket handshake that need no socket: which browser
-origins may open a chat connection.
+"""Rules of the websocket handshake that need no socket: whether a request
+is a websocket upgrade at all, which browser origins may open a chat
+connection, and how many connections one address may hold.
+
+Upgrade (``upgrade_refusal``, RFC 6455 §4.2.1): ``Upgrade`` must name
+``websocket`` and ``Connection`` ``upgrade`` (as tokens of a list: Firefox
+sends ``keep-alive, Upgrade``), ``Sec-WebSocket-Key`` must be 16 bytes in
+base64, otherwise 400; a ``Sec-WebSocket-Version`` other than 13 gets 426 with
+``Sec-WebSocket-Version: 13`` (§4.4), so the client knows what to speak.
+
+Addresses (``AddressLimit``): one shard counts its upgraded connections per
+peer address (``address_key``: an IPv4 address, or an IPv6 /64, which one
+host usually owns whole) and refuses the upgrade past ``max_conns_per_ip``
+with 429. The count is per shard: with N shards behind SO_REUSEPORT, one
+address may hold up to N times the limit on the node.
 
 A browser sends ``Origin`` with every websocket handshake, and any web page
 can ask it to open one to chatd: without a check, a foreign page that a
@@ -19,8 +32,15 @@ send no ``Origin`` and are not concerned.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import binascii
+import ipaddress
+from base64 import b64decode
+from collections.abc import Collection, Mapping
+from typing import Final
 from urllib.parse import urlsplit
+
+#: the only websocket version chatd speaks (RFC 6455)
+WS_VERSION: Final = "13"
 
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
@@ -86,3 +106,92 @@ def origin_allowed(
         return True
     # the request's own origin: a Host without a port was sent to the default one
     return port == ours[1] if ours[1] is not None else port in (80, 443)
+
+
+# --- is it a websocket upgrade? ----------------------------------------------------
+
+
+def _has_token(value: str | None, token: str) -> bool:
+    return value is not None and any(
+        part.strip().lower() == token for part in value.split(",")
+    )
+
+
+def upgrade_refusal(headers: Mapping[str, str]) -> tuple[int, str] | None:
+    """Why a request for a websocket endpoint cannot be upgraded, as
+    (HTTP status, reason); None if it can. ``headers``: case-insensitive."""
+    if not _has_token(headers.get("upgrade"), "websocket"):
+        return 400, "not a websocket upgrade: Upgrade: websocket is required"
+    if not _has_token(headers.get("connection"), "upgrade"):
+        return 400, "not a websocket upgrade: Connection: Upgrade is required"
+    version = headers.get("sec-websocket-version")
+    if version is None or version.strip() != WS_VERSION:
+        return 426, f"websocket version {WS_VERSION} is required"
+    key = headers.get("sec-websocket-key")
+    try:
+        valid = key is not None and len(b64decode(key.strip(), validate=True)) == 16
+    except (binascii.Error, ValueError):
+        valid = False
+    if not valid:
+        return 400, "Sec-WebSocket-Key must be 16 bytes in base64"
+    return None
+
+
+# --- connections per address ------------------------------------------------------
+
+
+def address_key(peer: str) -> str:
+    """What ``AddressLimit`` counts a peer address as: an IPv4 address as it
+    is (also when it comes IPv4-mapped, ``::ffff:a.b.c.d``), an IPv6 address
+    as its /64 network (``2001:db8:1:2::/64``); anything else as it is."""
+    if ":" not in peer:
+        return peer
+    try:
+        addr = ipaddress.IPv6Address(peer.split("%", 1)[0])
+    except ValueError:
+        return peer
+    if addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(ipaddress.IPv6Network((addr, 64), strict=False))
+
+
+class AddressLimit:
+    """Open connections per address (``address_key``) against a limit.
+
+    The shard asks ``allows`` at the handshake, calls ``opened`` when the
+    connection is upgraded and ``closed`` when it is gone; an address with no
+    connection left has no entry. ``limit`` 0 switches it off (nothing is
+    counted). Pure bookkeeping: a dict of counts, no timers.
+    """
+
+    __slots__ = ("limit", "_open")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._open: dict[str, int] = {}
+
+    def allows(self, key: str) -> bool:
+        """Whether one more connection from ``key`` may be upgraded."""
+        limit = self.limit
+        return not limit or self._open.get(key, 0) < limit
+
+    def opened(self, key: str) -> None:
+        if self.limit:
+            self._open[key] = self._open.get(key, 0) + 1
+
+    def closed(self, key: str) -> None:
+        if not self.limit:
+            return
+        left = self._open.get(key, 0) - 1
+        if left > 0:
+            self._open[key] = left
+        else:
+            self._open.pop(key, None)
+
+    def count(self, key: str) -> int:
+        """Connections open from ``key``."""
+        return self._open.get(key, 0)
+
+    def __len__(self) -> int:
+        """Addresses with at least one connection open."""
+        return len(self._open)

@@ -1,10 +1,19 @@
 """A shard: one process's picows websocket server, glue around its sessions.
 
-The listener factory (``Shard.route``) is the router of the handshake:
-``/chat`` checks the origin and the token and returns a ``Conn``;
-``/healthz`` answers a small 200; anything else 404. It also mends what
-picows refuses although RFC 6455 allows it (``Connection: keep-alive,
-Upgrade``, as Firefox sends it).
+The listener factory (``Shard.route``) is the router of the handshake; it
+sees each request with its peer's address (``gate``: a guard in front of
+picows until the request head is in, which also answers an oversized head
+with 431). ``/chat`` checks that it is an upgrade (``handshake``: 400, 426),
+the connections its address holds here (429), the origin and the token, and
+returns a ``Conn``; ``/healthz`` answers a small 200; ``echo_path``, when the
+config sets it (a test aid), returns an ``EchoConn``; anything else 404. It
+also mends what picows refuses although RFC 6455 allows it (``Connection:
+keep-alive, Upgrade``, as Firefox sends it).
+
+``Conn.on_ws_frame`` keeps the rules of RFC 6455 that picows leaves to its
+user: no reserved bits (no extension is negotiated), no new message inside
+a fragmented one, valid close codes (all 1002), and valid UTF-8 in text
+messages, checked fragment by fragment as they come (1007).
 
 Everything a connection knows lives in its ``protocol.Session``; ``Conn``
 only feeds it (a frame is valid only inside ``on_ws_frame``: it is decoded at
@@ -27,6 +36,7 @@ connections whose closing handshake did not finish within 2 ticks.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import logging
 import ssl
@@ -42,7 +52,6 @@ from picows import (
     WSUpgradeRequest,
     WSUpgradeResponse,
     WSUpgradeResponseWithListener,
-    ws_create_server,
 )
 
 from chatd.auth import TokenChecker
@@ -63,7 +72,15 @@ from chatd.bus.frames import (
 from chatd.config import Config
 from chatd.errors import AuthError, FrameError, StoreError
 from chatd.fanout import Fanout
-from chatd.handshake import normalize_origin, origin_allowed
+from chatd.gate import WSLog, listen
+from chatd.handshake import (
+    WS_VERSION,
+    AddressLimit,
+    address_key,
+    normalize_origin,
+    origin_allowed,
+    upgrade_refusal,
+)
 from chatd.media import preview_url_for
 from chatd.protocol import CLOSED, CLOSING, SYNCING, Limits, Session, Verdict
 from chatd.registry import STRIPES, Registry
@@ -72,6 +89,7 @@ from chatd.wire import (
     CLOSE_BANNED,
     CLOSE_GOING_AWAY,
     CLOSE_IDLE,
+    CLOSE_INVALID_TEXT,
     CLOSE_PROTOCOL_ERROR,
     CLOSE_RATE_LIMITED,
     CLOSE_REVOKED,
@@ -83,12 +101,13 @@ from chatd.wire import (
     decode_json,
     decode_msgpack,
     error_frame,
+    valid_close_code,
 )
 
 log = logging.getLogger("chatd.shard")
 #: picows makes a logging.Logger per connection unless given an adapter (~1 KiB
 #: each, never freed from its own bookkeeping): one adapter serves them all
-_WS_LOG = logging.LoggerAdapter(logging.getLogger("chatd.ws"), {})
+_WS_LOG = WSLog(logging.getLogger("chatd.ws"), {})
 
 TEXT: Final = WSMsgType.TEXT
 BINARY: Final = WSMsgType.BINARY
@@ -106,6 +125,10 @@ HELD_MIN: Final = 1_000
 WAITING_MAX: Final = 256
 #: image urls whose preview url (or its absence) is remembered
 PREVIEW_CACHE_SIZE: Final = 10_000
+#: Retry-After of a 429 (too many connections from one address): one of them
+#: must close first, so a quick retry would only be refused again
+RETRY_AFTER_PER_IP_S: Final = 5
+_utf8_decoder = codecs.getincrementaldecoder("utf-8")
 _NO_GROUPS: Final[frozenset[int]] = frozenset()
 _monotonic = time.monotonic
 
@@ -146,9 +169,11 @@ def mend_upgrade_headers(request: WSUpgradeRequest) -> None:
 class Conn(WSListener):
     """The picows glue of one connection: feeds its session, writes its output."""
 
-    __slots__ = ("shard", "sess", "tr", "version", "since", "closed_tick", "writable")
+    __slots__ = ("shard", "sess", "tr", "version", "since", "closed_tick", "writable", "addr",
+                 "utf8")
 
-    def __init__(self, shard: Shard, uid: int, version: int, resume: int) -> None:
+    def __init__(self, shard: Shard, uid: int, version: int, resume: int,
+                 addr: str = "") -> None:
         self.shard = shard
         self.sess = Session(uid, shard.limits, resume=resume, now=_monotonic(), conn=self)
         #: the token version it connected with (a revocation past it closes it)
@@ -158,6 +183,10 @@ class Conn(WSListener):
         self.closed_tick = 0
         #: set while a replay waits for the client to read (pause_writing)
         self.writable: asyncio.Future[None] | None = None
+        #: the peer's address as the shard's AddressLimit counts it
+        self.addr = addr
+        #: the UTF-8 check of a fragmented text message, while it comes in
+        self.utf8: codecs.IncrementalDecoder | None = None
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -166,10 +195,14 @@ class Conn(WSListener):
         transport.underlying_transport.set_write_buffer_limits(
             high=self.shard.cfg.slow_consumer_bytes
         )
+        # counted from the upgrade (the router's check and this run in the
+        # same callback: handshakes arriving together cannot pass it together)
+        self.shard.addresses.opened(self.addr)
         self.sess.tick = self.shard.tick
         self.shard.connected(self.sess)
 
     def on_ws_disconnected(self, transport: Any) -> None:
+        self.shard.addresses.closed(self.addr)
         self.shard.disconnected(self.sess)
         if self.writable is not None and not self.writable.done():
             self.writable.set_result(None)
@@ -198,23 +231,48 @@ class Conn(WSListener):
                 transport.disconnect()
             return
         shard = self.shard
+        if transport.is_close_frame_sent:
+            # picows failed the connection: it found a protocol error in a
+            # frame behind this one (it reads ahead) and sent its close first
+            sent = transport.close_handshake.sent
+            shard.close(sess, int(sent.code), sent.reason or "")
+            return
         sess.tick = shard.tick
+        if frame.rsv1 or frame.rsv2 or frame.rsv3:
+            shard.close(sess, CLOSE_PROTOCOL_ERROR, "reserved bits set, no extension agreed")
+            return
         kind = frame.msg_type
         if kind is TEXT or kind is BINARY:
+            if sess.frag is not None:
+                shard.close(sess, CLOSE_PROTOCOL_ERROR, "new message inside a fragmented one")
+                return
             binary = kind is BINARY
             if not frame.fin:
                 self._fragment(frame, True, binary)
                 return
-            data = frame.get_payload_as_memoryview()
+            size = frame.payload_size
+            if binary:
+                data: bytes | memoryview | str = frame.get_payload_as_memoryview()
+            else:
+                try:
+                    data = frame.get_payload_as_utf8_text()
+                except UnicodeDecodeError:
+                    shard.close(sess, CLOSE_INVALID_TEXT, "invalid UTF-8 in a text message")
+                    return
         elif kind is CONTINUATION:
-            data = self._fragment(frame, False, sess.frag_binary)
-            if data is None:
-                return
             binary = sess.frag_binary
+            whole = self._fragment(frame, False, binary)
+            if whole is None:
+                return
+            data = whole
+            size = len(whole)
         elif kind is CLOSE:
+            code = int(frame.get_close_code())
+            if frame.payload_size and not valid_close_code(code):
+                shard.close(sess, CLOSE_PROTOCOL_ERROR, f"invalid close code {code}")
+                return
             sess.close(1000, "")
-            code = frame.get_close_code()
-            transport.send_close(code if code != WSCloseCode.NO_INFO else WSCloseCode.OK)
+            transport.send_close(code if frame.payload_size else WSCloseCode.OK)
             transport.disconnect()
             return
         else:
@@ -223,10 +281,16 @@ class Conn(WSListener):
             shard.close(sess, CLOSE_RATE_LIMITED, "rate limited")
             return
         shard.frames_in += 1
-        shard.bytes_in += len(data)
+        shard.bytes_in += size
+        self.on_message(data, binary)
+
+    def on_message(self, data: bytes | memoryview | str, binary: bool) -> None:
+        """One whole message (text: its UTF-8 checked already): a chat frame."""
+        sess = self.sess
+        shard = self.shard
         sess.binary = binary
         try:
-            msg = decode_msgpack(data) if binary else decode_json(data)
+            msg = decode_msgpack(data) if binary else decode_json(data)  # type: ignore[arg-type]
         except FrameError as exc:
             sess.send(error_frame(exc))
         else:
@@ -234,13 +298,34 @@ class Conn(WSListener):
         shard.flush(sess)
 
     def _fragment(self, frame: Any, first: bool, binary: bool) -> bytes | None:
+        """Feed a fragment to the session; the whole message after the last.
+
+        A text message's UTF-8 is checked fragment by fragment, so that an
+        invalid one fails the connection when it comes, not at the end.
+        """
+        payload = frame.get_payload_as_bytes()
+        fin = bool(frame.fin)
         try:
-            return self.sess.fragment(frame.get_payload_as_bytes(), frame.fin, first, binary)
+            whole = self.sess.fragment(payload, fin, first, binary)
         except FrameError:
             self.shard.close(self.sess, CLOSE_TOO_BIG, "message too big")
+            return None
         except ValueError as exc:
             self.shard.close(self.sess, CLOSE_PROTOCOL_ERROR, str(exc))
-        return None
+            return None
+        if not binary:
+            utf8 = self.utf8
+            if first or utf8 is None:
+                utf8 = self.utf8 = _utf8_decoder()
+            try:
+                utf8.decode(payload, fin)
+            except UnicodeDecodeError:
+                self.utf8 = None
+                self.shard.close(self.sess, CLOSE_INVALID_TEXT, "invalid UTF-8 in a text message")
+                return None
+            if fin:
+                self.utf8 = None
+        return whole
 
     # --- frames out -----------------------------------------------------------------
 
@@ -258,12 +343,52 @@ class Conn(WSListener):
         if tr.is_disconnected:
             return
         self.closed_tick = self.shard.tick
-        tr.send_close(code, reason.encode())
+        if not tr.is_close_frame_sent:  # picows may have sent one (a protocol error)
+            tr.send_close(code, reason.encode())
         underlying = tr.underlying_transport
         if underlying.can_write_eof():
             underlying.write_eof()
         else:
             tr.disconnect()
+
+
+class EchoConn(Conn):
+    """A connection to ``echo_path`` (a test aid, off by default): the frame
+    handling of ``Conn`` (reassembly, size cap, UTF-8, reserved bits, close
+    codes, rate limit, closing handshake), but each whole message is answered
+    with itself instead of being read as a chat ``Message``.
+
+    It has no user: it is not in the registry, the log never hears of it, the
+    sweep does not ping or close it and a drain does not close it. It is
+    counted per address. A client that does not read pauses its reading
+    (backpressure) instead of being dropped as a slow consumer.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, shard: Shard, addr: str) -> None:
+        super().__init__(shard, 0, 0, -1, addr)
+
+    def on_ws_connected(self, transport: Any) -> None:
+        self.tr = transport
+        transport.underlying_transport.set_write_buffer_limits(
+            high=self.shard.cfg.slow_consumer_bytes
+        )
+        self.shard.addresses.opened(self.addr)
+
+    def on_ws_disconnected(self, transport: Any) -> None:
+        self.shard.addresses.closed(self.addr)
+        self.sess.disconnected()
+
+    def pause_writing(self) -> None:
+        self.tr.underlying_transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.tr.underlying_transport.resume_reading()
+
+    def on_message(self, data: bytes | memoryview | str, binary: bool) -> None:
+        payload = data.encode() if isinstance(data, str) else data
+        self.tr.send(BINARY if binary else TEXT, payload)
 
 
 class Shard:
@@ -289,6 +414,9 @@ class Shard:
         self.origins = frozenset(
             o if o == "*" else normalize_origin(o) for o in cfg.allowed_origins
         )
+        #: upgraded connections per peer address (max_conns_per_ip)
+        self.addresses = AddressLimit(cfg.max_conns_per_ip)
+        self.echo_path = cfg.echo_path.encode()
         self._previews: cachetools.LRUCache[str, str] = cachetools.LRUCache(PREVIEW_CACHE_SIZE)
         #: the highest id the log has routed (from its last batch to us)
         self.hw = 0
@@ -353,16 +481,14 @@ class Shard:
         self.spawn(self._sweep())
 
     async def _listen(self, **where: Any) -> asyncio.Server:
-        return await ws_create_server(
+        cfg = self.cfg
+        return await listen(
             self.route,
-            backlog=4096,
-            max_frame_size=self.cfg.max_frame_bytes,
-            read_buffer_init_size=256,
-            use_aiofastnet=False,
-            enable_auto_pong=True,
-            websocket_handshake_timeout=10,
-            logger_name=_WS_LOG,
-            ssl=self._tls,
+            max_frame_bytes=cfg.max_frame_bytes,
+            handshake_timeout_s=cfg.handshake_timeout_s,
+            max_head_bytes=cfg.max_handshake_bytes,
+            logger=_WS_LOG,
+            tls=self._tls,
             **where,
         )
 
@@ -381,11 +507,12 @@ class Shard:
 
     # --- handshake ------------------------------------------------------------------
 
-    def route(self, request: WSUpgradeRequest) -> Any:
-        """picows listener factory: the router of the HTTP handshake."""
+    def route(self, request: WSUpgradeRequest, peer: str = "") -> Any:
+        """The router of the HTTP handshake (picows' listener factory, called
+        by the gate with the ``peer``'s address)."""
         path, _, query = request.path.partition(b"?")
         if path == b"/chat":
-            return self._chat(request, query)
+            return self._chat(request, query, peer)
         if path == b"/healthz":
             ready = self.link is not None and self.link.up
             status = "draining" if self.draining else "ok" if ready else "unavailable"
@@ -393,9 +520,42 @@ class Shard:
                 200 if status == "ok" else 503,
                 {"status": status, "connections": self.registry.count},
             )
+        if path == self.echo_path and path:
+            return self._echo(request, peer)
         return _json_response(404, {"error": "not found"})
 
-    def _chat(self, request: WSUpgradeRequest, query: bytes) -> Any:
+    def _refusal(self, request: WSUpgradeRequest, addr: str) -> Any:
+        """The answer to a request that is no websocket upgrade, or from an
+        address that holds its share already; None if neither."""
+        refusal = upgrade_refusal(request.headers)
+        if refusal is not None:
+            status, reason = refusal
+            extra = {"Sec-WebSocket-Version": WS_VERSION} if status == 426 else None
+            return _json_response(status, {"error": reason}, extra)
+        if not self.addresses.allows(addr):
+            log.debug("handshake refused: %s holds %d connections", addr,
+                      self.addresses.count(addr))
+            return _json_response(
+                429, {"error": "too many connections from this address"},
+                {"Retry-After": str(RETRY_AFTER_PER_IP_S)},
+            )
+        return None
+
+    def _echo(self, request: WSUpgradeRequest, peer: str) -> Any:
+        addr = address_key(peer)
+        refused = self._refusal(request, addr)
+        if refused is not None:
+            return refused
+        if self.draining:
+            return _json_response(503, {"error": "server is shutting down"}, {"Retry-After": "1"})
+        mend_upgrade_headers(request)
+        return EchoConn(self, addr)
+
+    def _chat(self, request: WSUpgradeRequest, query: bytes, peer: str = "") -> Any:
+        addr = address_key(peer)
+        refused = self._refusal(request, addr)
+        if refused is not None:
+            return refused
         headers = request.headers
         origin = headers.get("origin")
         if origin is not None and not origin_allowed(
@@ -431,7 +591,7 @@ class Shard:
         if self.registry.full:
             return _json_response(503, {"error": "shard is full"}, {"Retry-After": "1"})
         mend_upgrade_headers(request)
-        return Conn(self, uid, version, resume)
+        return Conn(self, uid, version, resume, addr)
 
     # --- sessions: connect, frames, disconnect ---------------------------------------
 

@@ -65,6 +65,7 @@ ERR_BUSY: Final = 503  # server overloaded or draining; not stored, retry later
 # --- websocket close codes ----------------------------------------------------
 CLOSE_GOING_AWAY: Final = 1001
 CLOSE_PROTOCOL_ERROR: Final = 1002
+CLOSE_INVALID_TEXT: Final = 1007  # invalid UTF-8 in a text message (RFC 6455 §8.1)
 CLOSE_TOO_BIG: Final = 1009
 CLOSE_SERVER_ERROR: Final = 1011
 CLOSE_SERVICE_RESTART: Final = 1012
@@ -76,6 +77,17 @@ CLOSE_SLOW_CONSUMER: Final = 4009
 CLOSE_REPLACED: Final = 4010
 CLOSE_REVOKED: Final = 4501
 CLOSE_BANNED: Final = 4502
+
+
+def valid_close_code(code: int) -> bool:
+    """Whether a peer may put ``code`` in a close frame (RFC 6455 §7.4).
+
+    1000-1003 and 1007-1014 are the registered codes a peer may send (1004 is
+    reserved; 1005, 1006 and 1015 say "no code", "abnormal" and "TLS failed"
+    and never go on the wire); 3000-4999 are for libraries and applications.
+    Anything else fails the connection with 1002.
+    """
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
 
 # --- limits -------------------------------------------------------------------
 MAX_CONTENT_CHARS: Final = 8192
@@ -124,22 +136,29 @@ encode_msgpack = msgspec.msgpack.Encoder().encode
 _URL_PREFIXES: Final = ("http://", "https://", "/")
 
 
-def _bad_frame_cid(data: bytes | memoryview, binary: bool) -> str:
+def _bad_frame_cid(data: bytes | memoryview | str, binary: bool) -> str:
     try:
-        cid = (_msgpack_cid if binary else _json_cid)(data).cid
+        if isinstance(data, str):
+            cid = _json_cid(data).cid
+        else:
+            cid = (_msgpack_cid if binary else _json_cid)(data).cid
     except (msgspec.MsgspecError, ValueError):
         return ""
     return cid[:MAX_CID_CHARS] if isinstance(cid, str) else ""
 
 
-def _decode_error(exc: Exception, data: bytes | memoryview, binary: bool) -> FrameError:
+def _decode_error(exc: Exception, data: bytes | memoryview | str, binary: bool) -> FrameError:
     reason = str(exc)
     code = ERR_TOO_LARGE if "length <=" in reason else ERR_BAD_FRAME
     return FrameError(code, reason, _bad_frame_cid(data, binary))
 
 
-def decode_json(data: bytes | memoryview) -> Message:
-    """Decode and validate a text frame; raise ``FrameError`` if it is bad."""
+def decode_json(data: bytes | memoryview | str) -> Message:
+    """Decode and validate a text frame; raise ``FrameError`` if it is bad.
+
+    ``data`` may be the frame's text already (the shard checks a text frame's
+    UTF-8 before it decodes it: invalid UTF-8 closes the connection, 1007).
+    """
     try:
         msg = _json_decode(data)
     except (msgspec.MsgspecError, UnicodeDecodeError) as exc:

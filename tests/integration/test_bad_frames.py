@@ -1,5 +1,7 @@
 """Bad frames get an error frame (cmd 5) and the connection stays open;
-abuse (oversized frames, floods) closes it with the documented code."""
+abuse (oversized frames, floods) and frames that break the websocket
+protocol (invalid UTF-8 in a text message: 1007) close it with the
+documented code."""
 
 from __future__ import annotations
 
@@ -50,8 +52,8 @@ BAD_FRAMES = [
     ("javascript-url", TEXT, js({"cmd": 10, "dstid": 2, "media": 7, "url": "javascript:x",
                                  "cid": "j1"}), 422, "j1"),
     ("negative-sync", TEXT, js({"cmd": 4, "id": -1, "cid": "s1"}), 422, "s1"),
-    ("invalid-utf8-text", TEXT, b'{"cmd":10,"dstid":2,"media":1,"content":"\xff\xfe",'
-     b'"cid":"8a"}', 400, None),
+    # a valid websocket frame (binary) whose Message has a bad string: an error
+    # frame; invalid UTF-8 in a *text* frame fails the connection (below)
     ("invalid-utf8-msgpack", BINARY, b"\x85\xa3cmd\x0a\xa5dstid\x02\xa5media\x01"
      b"\xa3cid\xa28b\xa7content\xa2\xff\xfe", 400, None),
 ]
@@ -191,3 +193,60 @@ async def test_within_the_burst_nothing_is_closed(node_factory) -> None:
         a.send(cmd=0)
     _, end = await sync_all(a)  # the 9th frame
     assert end["cmd"] == 4 and not a.closed.is_set()
+
+
+INVALID_UTF8_TEXT = [
+    ("in-a-string", b'{"cmd":10,"dstid":2,"media":1,"content":"\xff\xfe","cid":"8a"}'),
+    # the JSON decoder skips unknown fields: the foundation let this one through
+    ("in-an-unknown-field", b'{"cmd":0,"zz":"\xff"}'),
+    ("overlong", b'{"cmd":0,"memo":"\xc0\xaf"}'),
+    ("surrogate", b'{"cmd":0,"memo":"\xed\xa0\x80"}'),
+    ("beyond-unicode", b'{"cmd":0,"memo":"\xf4\x90\x80\x80"}'),
+    ("not-json-either", b"\xff"),
+]
+
+
+@pytest.mark.parametrize("payload", [pytest.param(p, id=i) for i, p in INVALID_UTF8_TEXT])
+async def test_invalid_utf8_in_a_text_frame_closes_1007(node: Node, payload: bytes) -> None:
+    alice = await node.user()
+    a = await connect(node.url(alice))
+    await sync_all(a)
+    a.tr.send(TEXT, payload)
+    assert await a.wait_closed() == 1007
+    assert a.frames.empty()  # no error frame: the connection failed
+
+
+async def test_invalid_utf8_across_fragments_closes_1007_before_the_message_ends(
+        node: Node) -> None:
+    alice = await node.user()
+    a = await connect(node.url(alice))
+    await sync_all(a)
+    # "κ" then the first byte of a 2-byte sequence; the next fragment breaks it
+    a.tr.send(TEXT, b'{"cmd":0,"memo":"\xce\xba\xce', fin=False)
+    a.tr.send(CONT, b'\xff', fin=False)
+    # the last fragment is never sent: the close comes on the bad one
+    assert await a.wait_closed() == 1007
+
+
+async def test_a_character_split_across_fragments_is_accepted(node: Node) -> None:
+    alice, bob = await node.user(), await node.user()
+    a = await connect(node.url(alice))
+    await sync_all(a)
+    whole = json.dumps({"cmd": 10, "dstid": bob, "media": 1, "content": "é世", "cid": "u8"},
+                       ensure_ascii=False).encode()
+    cut = whole.index("世".encode()) + 1  # inside the 3-byte sequence
+    a.tr.send(TEXT, whole[:cut], fin=False)
+    a.tr.send(CONT, whole[cut:], fin=True)
+    ack = await a.recv()
+    assert ack["cmd"] == 1 and ack["cid"] == "u8"
+    [stored] = await node.store.private_history(alice, bob, 0, 1 << 62, 10, False)
+    assert stored.content == "é世"
+
+
+async def test_invalid_utf8_closes_1007_seen_by_websockets(node: Node) -> None:
+    alice = await node.user()
+    with pytest.raises(websockets.exceptions.ConnectionClosed) as info:
+        async with ws_connect(node.url(alice)) as ws:
+            await ws.send(b'{"cmd": 0, "memo": "\xff"}', text=True)
+            await asyncio.wait_for(ws.recv(), 5 * UNIT)
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1007

@@ -91,7 +91,9 @@ def test_wrong_type_in_environment_is_refused(key: str, text: str) -> None:
     "overrides",
     [{"chat_port": 70000}, {"chat_port": -1}, {"max_conns": 0}, {"max_frame_bytes": -5},
      {"rate_per_s": 0}, {"idle_timeout_s": -1}, {"sync_page": 0}, {"db_synchronous": "OFF"},
-     {"log_level": "loud"}],
+     {"log_level": "loud"}, {"max_conns_per_ip": -1}, {"handshake_timeout_s": 0},
+     {"max_handshake_bytes": 100}, {"max_handshake_bytes": 20_000}, {"echo_path": "echo"},
+     {"echo_path": "/chat"}, {"echo_path": "/healthz"}, {"echo_path": "/echo?x=1"}],
 )
 def test_out_of_range_values_are_refused(overrides: dict) -> None:
     with pytest.raises(ConfigError):
@@ -99,7 +101,7 @@ def test_out_of_range_values_are_refused(overrides: dict) -> None:
 
 
 @pytest.mark.parametrize("key", ["CHATD_IDLE_TIMEOUT_S", "CHATD_RATE_PER_S",
-                                 "CHATD_DRAIN_TIMEOUT_S"])
+                                 "CHATD_DRAIN_TIMEOUT_S", "CHATD_HANDSHAKE_TIMEOUT_S"])
 def test_nan_is_refused(key: str) -> None:
     with pytest.raises(ConfigError):
         load(env={key: "nan"})
@@ -115,3 +117,11 @@ def test_missing_or_broken_file_is_a_config_error(tmp_path: Path) -> None:
 def test_string_flags_are_parsed_like_the_environment() -> None:
     cfg = load(env={}, flags={"chat_port": "9000", "rate_limit": "false"})
     assert cfg.chat_port == 9000 and cfg.rate_limit is False
+
+
+def test_handshake_limits_and_the_echo_path_from_the_environment() -> None:
+    assert Config().echo_path == ""  # the echo endpoint is off unless asked for
+    cfg = load(env={"CHATD_MAX_CONNS_PER_IP": "0", "CHATD_HANDSHAKE_TIMEOUT_S": "2.5",
+                    "CHATD_MAX_HANDSHAKE_BYTES": "4096", "CHATD_ECHO_PATH": "/echo"})
+    assert (cfg.max_conns_per_ip, cfg.handshake_timeout_s, cfg.max_handshake_bytes,
+            cfg.echo_path) == (0, 2.5, 4096, "/echo")

@@ -1,10 +1,21 @@
-"""Which browser origins may open a chat connection (``handshake.origin_allowed``)."""
+"""The handshake's rules without a socket: which browser origins may open a
+chat connection (``origin_allowed``), what makes an upgrade
+(``upgrade_refusal``), and connections per address (``AddressLimit``)."""
 
 from __future__ import annotations
 
-import pytest
+import random
 
-from chatd.handshake import normalize_origin, origin_allowed
+import pytest
+from multidict import CIMultiDict
+
+from chatd.handshake import (
+    AddressLimit,
+    address_key,
+    normalize_origin,
+    origin_allowed,
+    upgrade_refusal,
+)
 
 API = 8081
 
@@ -54,3 +65,122 @@ def test_normalize_origin_spells_the_port() -> None:
     assert normalize_origin("HTTPS://Example.COM") == "https://example.com:443"
     assert normalize_origin("http://[::1]") == "http://[::1]:80"
     assert normalize_origin("weird") == "weird"
+
+
+# --- upgrade_refusal ------------------------------------------------------------
+
+GOOD = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+
+
+def headers(**changes: str | None) -> CIMultiDict[str]:
+    """GOOD with some headers changed (None: left out); names use _ for -."""
+    out = CIMultiDict(GOOD)
+    for name, value in changes.items():
+        name = name.replace("_", "-")
+        out.popall(name, None)
+        if value is not None:
+            out[name] = value
+    return out
+
+
+@pytest.mark.parametrize("changes", [
+    {}, {"Connection": "keep-alive, Upgrade"}, {"Upgrade": "WebSocket"},
+    {"Connection": "upgrade,keep-alive"}, {"Sec_WebSocket_Version": " 13 "},
+])
+def test_a_websocket_upgrade_is_accepted(changes: dict[str, str]) -> None:
+    assert upgrade_refusal(headers(**changes)) is None
+
+
+@pytest.mark.parametrize("changes,status", [
+    ({"Upgrade": None}, 400),
+    ({"Upgrade": "h2c"}, 400),
+    ({"Connection": None}, 400),
+    ({"Connection": "keep-alive"}, 400),
+    ({"Sec_WebSocket_Key": None}, 400),
+    ({"Sec_WebSocket_Key": "short"}, 400),
+    ({"Sec_WebSocket_Key": "dGhlIHNhbXBsZSBub25jZQ"}, 400),  # padding missing
+    ({"Sec_WebSocket_Key": "AAAAAAAAAAAAAAAAAAAAAAAAAAAA"}, 400),  # 21 bytes
+    ({"Sec_WebSocket_Key": "dGhlIHNhbXBsZSBub25jZQ==é"}, 400),
+    ({"Sec_WebSocket_Version": None}, 426),
+    ({"Sec_WebSocket_Version": "8"}, 426),
+    ({"Sec_WebSocket_Version": "13, 8"}, 426),
+])
+def test_what_is_no_upgrade(changes: dict[str, str | None], status: int) -> None:
+    refusal = upgrade_refusal(headers(**changes))
+    assert refusal is not None and refusal[0] == status and refusal[1]
+
+
+# --- address_key -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("peer,key", [
+    ("127.0.0.1", "127.0.0.1"),
+    ("203.0.113.9", "203.0.113.9"),
+    ("::ffff:203.0.113.9", "203.0.113.9"),  # a dual-stack socket's IPv4 peer
+    ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+    ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),
+    ("fe80::1%eth0", "fe80::/64"),
+    ("::1", "::/64"),
+    ("", ""),
+    ("not:an:address", "not:an:address"),
+])
+def test_address_key(peer: str, key: str) -> None:
+    assert address_key(peer) == key
+
+
+def test_one_ipv6_host_is_one_address() -> None:
+    assert address_key("2001:db8:1:2::a") == address_key("2001:db8:1:2:9:8:7:6")
+    assert address_key("2001:db8:1:2::a") != address_key("2001:db8:1:3::a")
+
+
+# --- AddressLimit ----------------------------------------------------------------
+
+
+def test_an_address_gets_its_limit_and_then_one_more_after_a_close() -> None:
+    limit = AddressLimit(3)
+    for _ in range(3):
+        assert limit.allows("10.0.0.1")
+        limit.opened("10.0.0.1")
+    assert not limit.allows("10.0.0.1")
+    assert limit.allows("10.0.0.2")  # others are not concerned
+    limit.closed("10.0.0.1")
+    assert limit.allows("10.0.0.1") and limit.count("10.0.0.1") == 2
+
+
+def test_an_address_with_nothing_open_leaves_no_entry() -> None:
+    limit = AddressLimit(2)
+    limit.opened("a")
+    limit.opened("b")
+    limit.closed("a")
+    limit.closed("b")
+    assert len(limit) == 0 and limit.count("a") == 0
+
+
+def test_limit_zero_counts_nothing() -> None:
+    limit = AddressLimit(0)
+    for _ in range(10_000):
+        limit.opened("10.0.0.1")
+    assert limit.allows("10.0.0.1") and len(limit) == 0
+
+
+def test_counts_stay_true_through_any_order_of_opens_and_closes() -> None:
+    """Random opens and closes (each close of a connection that is open):
+    the table always says what is open, and allows exactly below the limit."""
+    rng = random.Random(8)
+    limit = AddressLimit(5)
+    open_: list[str] = []
+    for _ in range(5_000):
+        addr = rng.choice("abcd")
+        if open_ and rng.random() < 0.5:
+            gone = open_.pop(rng.randrange(len(open_)))
+            limit.closed(gone)
+        elif limit.allows(addr):
+            limit.opened(addr)
+            open_.append(addr)
+        else:
+            assert open_.count(addr) == 5
+        for a in "abcd":
+            assert limit.count(a) == open_.count(a)
+            assert limit.allows(a) is (open_.count(a) < 5)
+    assert len(limit) == len(set(open_))

@@ -29,6 +29,7 @@ from chatd.wire import (
     encode_json,
     encode_msgpack,
     error_frame,
+    valid_close_code,
     validate,
 )
 
@@ -402,3 +403,22 @@ def test_a_decoded_message_has_only_int64_integers(fields) -> None:
             continue
         for name in ("id", "userid", "cmd", "dstid", "media", "amount", "ts"):
             assert INT64_MIN <= getattr(msg, name) <= INT64_MAX, name
+
+
+@pytest.mark.parametrize("code", [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012,
+                                  1013, 1014, 3000, 3999, 4000, 4999])
+def test_close_codes_a_peer_may_send(code: int) -> None:
+    assert valid_close_code(code)
+
+
+@pytest.mark.parametrize("code", [0, 1, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999,
+                                  5000, 65535])
+def test_close_codes_that_fail_the_connection(code: int) -> None:
+    assert not valid_close_code(code)
+
+
+def test_a_text_frame_decodes_from_its_text_as_from_its_bytes() -> None:
+    raw = '{"cmd":10,"dstid":2,"media":1,"content":"é世","cid":"t"}'
+    assert decode_json(raw) == decode_json(raw.encode())
+    err = frame_error(decode_json, '{"cmd": "ten", "cid": "t9"}')
+    assert (err.code, err.cid) == (ERR_BAD_FRAME, "t9")
