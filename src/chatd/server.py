@@ -159,11 +159,23 @@ def _die_with_parent() -> None:
         pass  # the pipe's EOF tells us too
 
 
-def _child_signals(stop: asyncio.Event) -> None:
+def _child_signals(stop: asyncio.Event, signalled: asyncio.Event | None = None) -> None:
+    """SIGTERM stops a child by itself (``signalled`` is set too, where given).
+
+    A terminal's Ctrl-C and hangup reach the whole process group: only the
+    supervisor acts on them, and it drains the children in order. A SIGTERM
+    sent to the whole group (``kill -TERM -PGID``, ``timeout``) reaches every
+    child at once: the log then waits for its shards to go before it stops.
+    """
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    # a terminal's hangup reaches the whole group: only the supervisor reloads
+
+    def on_term() -> None:
+        if signalled is not None:
+            signalled.set()
+        stop.set()
+
+    loop.add_signal_handler(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
@@ -199,7 +211,8 @@ async def run_log(cfg: Config, index: int, conn: Connection) -> int:
     """The log process: the node's one writer, serving shards and API workers
     on ``log.sock`` until told to drain (after the shards have drained)."""
     stop = asyncio.Event()
-    _child_signals(stop)
+    signalled = asyncio.Event()
+    _child_signals(stop, signalled)
     store = await open_store(
         cfg.db_path, synchronous=cfg.db_synchronous, busy_timeout_ms=cfg.db_busy_timeout_ms
     )
@@ -220,6 +233,9 @@ async def run_log(cfg: Config, index: int, conn: Connection) -> int:
     log.info("log serving on %s (high-water %d)", server.path, node_log.hw)
     reporter = asyncio.get_running_loop().create_task(_report(link, node_log.figures))
     await stop.wait()
+    if signalled.is_set() and not await server.wait_no_shards(cfg.drain_timeout_s):
+        log.warning("log: shards still attached after %.0f s; stopping anyway",
+                    cfg.drain_timeout_s)
     reporter.cancel()
     log.info("log draining: %d queued messages", node_log.queued)
     try:

@@ -8,6 +8,7 @@ import json
 import signal
 from pathlib import Path
 
+import psutil
 import pytest
 import websockets
 from conftest import (
@@ -131,3 +132,46 @@ async def test_sigterm_commits_and_acks_what_was_queued(tmp_path: Path, server_p
     stored = {f["cid"]: f["id"] for f in frames}
     for ack in acks:
         assert stored.get(ack["cid"]) == ack["id"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+async def test_a_signal_to_the_whole_group_still_drains_in_order(
+        tmp_path: Path, server_procs, sig: int) -> None:
+    """A terminal's Ctrl-C, ``timeout`` and ``kill -TERM -PGID`` signal every
+    process of the node at the same instant. The log must still outlive the
+    shards' drain: every ack that went out is on disk, the clients get 1001,
+    and nothing is logged as an error (the log used to stop first, and the
+    shards lost their link in the middle of their drain)."""
+    alice, bob = await make_users(tmp_path, 2)
+    server = ServerProcess(tmp_path, "--shards", "2", env={"CHATD_RATE_LIMIT": "false"})
+    server_procs.append(server)
+    await server.started()
+    a = await connect(url(server.port, tmp_path, alice))
+    await sync_all(a)
+    for i in range(300):
+        a.send(cmd=10, dstid=bob, media=1, content=f"g{i}", cid=f"g{i}")
+    acks = [await a.recv()]  # the node is committing
+    procs = [psutil.Process(server.proc.pid), *psutil.Process(server.proc.pid).children(True)]
+    assert len(procs) >= 4  # supervisor, log, 2 shards, api
+    for p in procs:
+        p.send_signal(sig)
+    while True:
+        try:
+            frame = await a.recv(timeout=20)
+        except TimeoutError:
+            break
+        if frame["cmd"] == 1:
+            acks.append(frame)
+        if a.closed.is_set() and a.frames.empty():
+            break
+    assert await a.wait_closed(timeout=20) == 1001
+    assert await server.wait() == 0
+    errors = [line for line in server.lines if " ERROR " in line or " WARNING " in line]
+    assert errors == []
+    again = await start(server_procs, tmp_path)
+    b = await connect(url(again.port, tmp_path, bob))
+    frames, _ = await sync_all(b)
+    await close_clients(b)
+    stored = {f["cid"]: f["id"] for f in frames}
+    assert all(stored.get(ack["cid"]) == ack["id"] for ack in acks)

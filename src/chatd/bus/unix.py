@@ -150,6 +150,7 @@ class _LogConn(_Framed):
         elif isinstance(msg, Hello):
             self.shard = msg.shard
             self.port_id, welcome = node_log.attach(self)
+            self.server.shards_attached(+1)
             self._write(encode(welcome))
             log.info("shard %d connected (port %d)", msg.shard, self.port_id)
         elif isinstance(msg, Call):
@@ -190,6 +191,7 @@ class _LogConn(_Framed):
             log.info("shard port %d disconnected", self.port_id)
             self.server.log.detach(self.port_id)
             self.port_id = 0
+            self.server.shards_attached(-1)
         self.server.conns.discard(self)
 
 
@@ -202,6 +204,24 @@ class LogServer:
         self.conns: set[_LogConn] = set()
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._shards = 0
+        self._no_shards = asyncio.Event()
+        self._no_shards.set()
+
+    def shards_attached(self, delta: int) -> None:
+        self._shards += delta
+        if self._shards:
+            self._no_shards.clear()
+        else:
+            self._no_shards.set()
+
+    async def wait_no_shards(self, timeout_s: float) -> bool:
+        """Wait until no shard is attached (they drained); False on timeout."""
+        try:
+            await asyncio.wait_for(self._no_shards.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
 
     def spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
