@@ -106,3 +106,35 @@ def test_a_certificate_that_does_not_load_is_a_clear_error(tmp_path: Path) -> No
         assert "cannot load" in done.stderr
     done = run_cli("check-config", "--tls-cert", str(bad), data_dir=tmp_path, check=False)
     assert done.returncode == 1 and "give both" in done.stderr
+
+
+async def test_a_tls_handshake_that_never_comes_is_dropped_at_the_deadline(
+        tmp_path: Path, server_procs: list[ServerProcess]) -> None:
+    """Slowloris before TLS: a client that opens TCP and sends no ClientHello
+    (or half of one) is dropped at ``handshake_timeout_s``, not at asyncio's
+    60 s TLS default; a client that completes TLS in time is upgraded."""
+    deadline = 1.0 * UNIT
+    ca = trustme.CA()
+    chain, key = _write(ca.issue_cert("127.0.0.1"), tmp_path)
+    server = ServerProcess(tmp_path / "data", "--tls-cert", str(chain), "--tls-key", str(key),
+                           "--shards", "1", env={"CHATD_HANDSHAKE_TIMEOUT_S": str(deadline)})
+    server_procs.append(server)
+    port = await server.started()
+    loop = asyncio.get_running_loop()
+    for opening in (b"", b"\x16\x03\x01\x02\x00\x01"):  # nothing; a ClientHello's first bytes
+        started = loop.time()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(opening)
+        try:
+            rest = await asyncio.wait_for(reader.read(), deadline + 10 * UNIT)
+        except ConnectionResetError:
+            rest = b""
+        took = loop.time() - started
+        writer.close()
+        assert rest == b""
+        assert deadline * 0.9 <= took < deadline + 5 * UNIT, took
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    assert _serial(port, client) > 0  # a prompt TLS client is served as before
+    server.signal(signal.SIGTERM)
+    assert await server.wait() == 0
