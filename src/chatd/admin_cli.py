@@ -126,7 +126,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 #: counters whose per-second rate ``stats`` shows
-_RATES = ("frames_in", "committed", "deliveries", "items_in")
+_RATES = ("frames_in", "frames_out", "committed", "deliveries", "items_in")
 
 
 async def _stats(client: AdminClient, interval_s: float) -> dict[str, Any]:
@@ -197,9 +197,9 @@ def _stats_text(data: dict[str, Any]) -> str:
     return table(full) + f"\n\nnode: {node} (rates over {data['interval_s']} s)"
 
 
-_ORDER = ("process", "connections", "users", "frames_in/s", "committed/s", "deliveries/s",
-          "items_in/s", "slow_closes", "flood_closes", "queue", "batch_p50", "commit_ms_p50",
-          "commit_ms_p99", "rss_mb", "cpu_s", "restarts")
+_ORDER = ("process", "connections", "users", "frames_in/s", "frames_out/s", "committed/s",
+          "deliveries/s", "items_in/s", "slow_closes", "flood_closes", "queue", "batch_p50",
+          "commit_ms_p50", "commit_ms_p99", "rss_mb", "cpu_s", "restarts")
 
 
 def run_db(cfg: Config, args: argparse.Namespace) -> int:

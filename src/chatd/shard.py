@@ -440,6 +440,8 @@ class Shard:
         #: message payload bytes read, frame bytes written
         self.bytes_in = 0
         self.bytes_out = 0
+        #: websocket data frames written (acks, copies, replays, errors)
+        self.frames_out = 0
         #: batches and items the log sent here (targeted routing shows in them)
         self.batches_in = 0
         self.items_in = 0
@@ -675,8 +677,11 @@ class Shard:
     def flush(self, sess: Session) -> None:
         """Write what ``sess`` collected; then its close frame, if that is due."""
         conn = sess.conn
+        frames = sess.out
         data = sess.take_out()
         if data is not None and not conn.tr.is_disconnected:
+            assert frames is not None
+            self.frames_out += len(frames)
             self.bytes_out += len(data)
             conn.write(data)
         if sess.close_frame is not None:
@@ -922,6 +927,7 @@ class Shard:
             "users": self.registry.users,
             "frames_in": self.frames_in,
             "bytes_in": self.bytes_in,
+            "frames_out": self.frames_out,
             "bytes_out": self.bytes_out,
             "batches_in": self.batches_in,
             "items_in": self.items_in,

@@ -141,6 +141,7 @@ async def test_group_members_and_stats(admin: Admin) -> None:
     [log_row] = [p for p in stats["processes"] if p["process"] == "log-0"]
     assert log_row["committed/s"] > 0 and log_row["queue"] == 0
     assert stats["node"]["frames_in/s"] > 0
+    assert stats["node"]["frames_out/s"] >= stats["node"]["frames_in/s"] / 2  # acks at least
     loop = asyncio.get_running_loop()
     text = await loop.run_in_executor(None, lambda: run_cli(
         "admin", "stats", "--interval", "0.2", data_dir=admin.data).stdout)

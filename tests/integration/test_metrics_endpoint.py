@@ -77,6 +77,8 @@ async def test_metrics_count_connections_messages_and_deliveries(tmp_path: Path)
         assert node_total(values, "chatd_messages_stored_total") == n + 1
         assert node_total(values, "chatd_deliveries_total") == n  # bob's copies only
         assert node_total(values, "chatd_frames_received_total") == n + 1
+        # bob: the ack of "hello" and n copies; alice: n acks
+        assert node_total(values, "chatd_frames_sent_total") == 2 * n + 1
         assert node_total(values, "chatd_received_bytes_total") > 0
         assert node_total(values, "chatd_sent_bytes_total") > 0
         assert node_total(values, "chatd_connections") == 2
