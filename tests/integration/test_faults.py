@@ -80,11 +80,14 @@ async def test_kill_9_of_the_whole_node_under_load_loses_nothing_acked(
     await asyncio.wait_for(enough_acked(), 60 * UNIT)
     await asyncio.wait_for(in_flight(), 10 * UNIT)
     first.kill_all()  # under load: every device has messages in flight
+    # counted before the loop runs again: acks the node wrote just before it
+    # died are still in the sockets, and reading them may empty every queue
+    in_flight_at_kill = sum(len(d.pending) for d in devices)
     for p in pumps:
         p.cancel()
     await asyncio.gather(*pumps, return_exceptions=True)
     acked_before = {d.name: dict(d.acked) for d in devices}
-    assert any(d.pending for d in devices), "nothing was in flight when the node died"
+    assert in_flight_at_kill >= 32, "nothing was in flight when the node died"
 
     # at once, on the same ports; the devices reconnect by themselves with last=
     second = NodeProcess(data, "--shards", "2", **ports)
