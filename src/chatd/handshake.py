@@ -164,20 +164,32 @@ class AddressLimit:
     counted). Pure bookkeeping: a dict of counts, no timers.
     """
 
-    __slots__ = ("limit", "_open")
+    __slots__ = ("limit", "_open", "_keys")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._open: dict[str, int] = {}
+        #: each counted address's one string (the connections keep it)
+        self._keys: dict[str, str] = {}
 
     def allows(self, key: str) -> bool:
         """Whether one more connection from ``key`` may be upgraded."""
         limit = self.limit
         return not limit or self._open.get(key, 0) < limit
 
-    def opened(self, key: str) -> None:
-        if self.limit:
-            self._open[key] = self._open.get(key, 0) + 1
+    def opened(self, key: str) -> str:
+        """Count one more connection from ``key``; what the connection keeps to
+        uncount it (``closed``): one string per address, shared by all its
+        connections, or "" when nothing is counted (limit 0)."""
+        if not self.limit:
+            return ""
+        count = self._open.get(key, 0)
+        if count:
+            key = self._keys[key]
+        else:
+            self._keys[key] = key
+        self._open[key] = count + 1
+        return key
 
     def closed(self, key: str) -> None:
         if not self.limit:
@@ -187,6 +199,7 @@ class AddressLimit:
             self._open[key] = left
         else:
             self._open.pop(key, None)
+            self._keys.pop(key, None)
 
     def count(self, key: str) -> int:
         """Connections open from ``key``."""

@@ -164,7 +164,8 @@ class Session:
         self.replay_read = 0
         self.replay_answer = False
         self.held: list[Message] | None = None
-        self.waiting: list[Message] | None = []
+        #: made when the first frame has to wait (most connections never wait)
+        self.waiting: list[Message] | None = None
         #: messages handed to the log whose answer has not come back
         self.inflight = 0
         #: (code, reason) of a close that waits for those answers
@@ -177,7 +178,9 @@ class Session:
         #: once closing, no ack above this id goes out: the client misses
         #: something above it (a replay cut short, a live copy not sent)
         self.acks_upto: int | None = None
-        self.tokens = float(limits.rate_burst)
+        # a full bucket; the shared int, not a float per connection (the first
+        # ``allow`` refills to ``rate_burst`` whatever ``stamp`` was)
+        self.tokens: float = limits.rate_burst
         self.stamp = now
         self.frag: bytearray | None = None
         self.frag_binary = False

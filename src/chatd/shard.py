@@ -23,9 +23,10 @@ holds; the log's batches come back to ``on_batch`` in the node's order, and
 the shard acks its senders and fans out to its connections (``fanout``).
 
 Presence on this shard, per user: ``pending`` (its first connection is here,
-the log has not placed it yet: its sessions wait in LOADING), ``present``
-(the log sends everything for it). The log sees ``Online`` and ``Offline``
-strictly alternating per user.
+the log has not placed it yet: its sessions wait in LOADING), or present: in
+the registry and not pending (the log sends everything for it; no set of its
+own, which cost ~50-100 bytes per user). The log sees ``Online`` and
+``Offline`` strictly alternating per user.
 
 Liveness is one shard-wide sweep: each frame stamps the session with the
 shard's current tick; the sweep advances the tick, pings sessions silent for
@@ -45,6 +46,7 @@ from typing import Any, Final
 from urllib.parse import parse_qs
 
 import cachetools
+from multidict import CIMultiDict, CIMultiDictProxy
 from picows import (
     WSCloseCode,
     WSListener,
@@ -130,6 +132,8 @@ PREVIEW_CACHE_SIZE: Final = 10_000
 RETRY_AFTER_PER_IP_S: Final = 5
 _utf8_decoder = codecs.getincrementaldecoder("utf-8")
 _NO_GROUPS: Final[frozenset[int]] = frozenset()
+#: what a connection's upgrade request and response keep as headers once it is up
+_NO_HEADERS: Final = CIMultiDictProxy(CIMultiDict[str]())
 _monotonic = time.monotonic
 
 
@@ -166,6 +170,24 @@ def mend_upgrade_headers(request: WSUpgradeRequest) -> None:
         headers["Upgrade"] = "websocket"
 
 
+def _forget_handshake(transport: Any) -> None:
+    """Drop what picows keeps of the upgrade for the connection's whole life.
+
+    The transport holds the request and the response (their header
+    multidicts: ~2 KiB of strings, and the token in the request's path) and
+    never reads them again once the connection is up; neither does chatd.
+    """
+    request = transport.request
+    if request is not None:
+        request.headers = _NO_HEADERS
+        request.path = b""
+        request.method = b"GET"
+        request.version = b"HTTP/1.1"
+    response = transport.response
+    if response is not None:
+        response.headers = _NO_HEADERS
+
+
 class Conn(WSListener):
     """The picows glue of one connection: feeds its session, writes its output."""
 
@@ -175,15 +197,17 @@ class Conn(WSListener):
     def __init__(self, shard: Shard, uid: int, version: int, resume: int,
                  addr: str = "") -> None:
         self.shard = shard
-        self.sess = Session(uid, shard.limits, resume=resume, now=_monotonic(), conn=self)
+        # no ``now``: the bucket starts full whatever its stamp (one float less)
+        self.sess = Session(uid, shard.limits, resume=resume, conn=self)
         #: the token version it connected with (a revocation past it closes it)
         self.version = version
-        self.since = time.time()
+        self.since = shard.wall_second()
         self.tr: Any = None
         self.closed_tick = 0
         #: set while a replay waits for the client to read (pause_writing)
         self.writable: asyncio.Future[None] | None = None
-        #: the peer's address as the shard's AddressLimit counts it
+        #: the peer's address as the shard's AddressLimit counts it (once up: the
+        #: limit's own string for it, "" when the limit is off)
         self.addr = addr
         #: the UTF-8 check of a fragmented text message, while it comes in
         self.utf8: codecs.IncrementalDecoder | None = None
@@ -192,12 +216,13 @@ class Conn(WSListener):
 
     def on_ws_connected(self, transport: Any) -> None:
         self.tr = transport
+        _forget_handshake(transport)
         transport.underlying_transport.set_write_buffer_limits(
             high=self.shard.cfg.slow_consumer_bytes
         )
         # counted from the upgrade (the router's check and this run in the
         # same callback: handshakes arriving together cannot pass it together)
-        self.shard.addresses.opened(self.addr)
+        self.addr = self.shard.addresses.opened(self.addr)
         self.sess.tick = self.shard.tick
         self.shard.connected(self.sess)
 
@@ -206,6 +231,11 @@ class Conn(WSListener):
         self.shard.disconnected(self.sess)
         if self.writable is not None and not self.writable.done():
             self.writable.set_result(None)
+        # the session keeps its glue (an answer from the log may still come
+        # for it); the glue lets go of the session: without that cycle a
+        # closed connection (13 objects: the session, picows' and uvloop's
+        # transports, ...) is freed at once, not left for a full collection
+        del self.sess
 
     def pause_writing(self) -> None:
         if self.sess.state is SYNCING:
@@ -374,11 +404,12 @@ class EchoConn(Conn):
         transport.underlying_transport.set_write_buffer_limits(
             high=self.shard.cfg.slow_consumer_bytes
         )
-        self.shard.addresses.opened(self.addr)
+        self.addr = self.shard.addresses.opened(self.addr)
 
     def on_ws_disconnected(self, transport: Any) -> None:
         self.shard.addresses.closed(self.addr)
         self.sess.disconnected()
+        del self.sess  # see Conn.on_ws_disconnected
 
     def pause_writing(self) -> None:
         self.tr.underlying_transport.pause_reading()
@@ -420,14 +451,16 @@ class Shard:
         self._previews: cachetools.LRUCache[str, str] = cachetools.LRUCache(PREVIEW_CACHE_SIZE)
         #: the highest id the log has routed (from its last batch to us)
         self.hw = 0
-        #: users whose first connection waits for the log's Here / whom the log routes here
+        #: users whose first connection waits for the log's Here (a registered
+        #: user not in it is present: the log routes it here)
         self.pending: set[int] = set()
-        self.present: set[int] = set()
         #: our submissions without an answer: seq -> (session, message)
         self._inflight: dict[int, tuple[Session, Message]] = {}
         self._seq = 0
         self._touched: list[Session] = []
         self.tick = 1
+        self._second = 0
+        self._second_f = 0.0
         self.draining = False
         self.port = 0
         self._server: asyncio.Server | None = None
@@ -447,6 +480,15 @@ class Shard:
         self.items_in = 0
         self.closes: dict[int, int] = {}
         self.auth_failures = 0
+
+    def wall_second(self) -> float:
+        """The wall clock to the second: a connection's ``since`` (those of one
+        second share one float instead of 24 bytes each)."""
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._second_f = float(now)
+        return self._second_f
 
     def spawn(self, coro: Any) -> None:
         """Run ``coro`` as a task that is kept alive and whose errors are logged."""
@@ -606,13 +648,14 @@ class Shard:
         registry.reserve()
         others = registry.get(uid)
         registry.add(sess)
-        if uid in self.present and others:
-            # the log routes this user here already: the stream takes over at
-            # our high-water, the store has everything up to it
+        if uid in self.pending:
+            return  # its Here places every session of the user
+        if others:
+            # present: the log routes this user here already: the stream takes
+            # over at our high-water, the store has everything up to it
             self._place(sess, others[0].groups, self.hw)
-        elif uid not in self.pending:
+        else:
             self.pending.add(uid)
-            self.present.discard(uid)
             if self.link is not None:
                 self.link.online(uid)
 
@@ -657,12 +700,11 @@ class Shard:
         uid = sess.uid
         sess.disconnected()
         registry = self.registry
-        registry.remove(sess)
+        known = registry.remove(sess)
         registry.release()
-        if registry.get(uid) is None and uid in self.present:
-            self.present.discard(uid)
-            if self.link is not None:
-                self.link.offline(uid)
+        link = self.link
+        if known and link is not None and registry.get(uid) is None and uid not in self.pending:
+            link.offline(uid)  # the last connection of a present user
         # a pending user with nobody left: Offline follows its Here (on_here)
 
     def close(self, sess: Session, code: int, reason: str) -> None:
@@ -730,7 +772,6 @@ class Shard:
         link = self.link
         assert link is not None
         users = {sess.uid for sess in self.registry} | self.pending
-        self.present.clear()
         self.pending = set()
         for uid in users:
             if self.registry.get(uid) is not None:
@@ -824,8 +865,8 @@ class Shard:
             if self.link is not None:
                 self.link.offline(uid)
             return
-        self.present.add(uid)
-        groups = frozenset(here.groups)
+        # users in no group share one empty set (216 bytes each otherwise)
+        groups = frozenset(here.groups) if here.groups else _NO_GROUPS
         for sess in list(sessions):
             self._place(sess, groups, here.hw)
 

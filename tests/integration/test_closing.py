@@ -6,6 +6,8 @@ bound). A reset instead would discard what the client had not read yet."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from typing import Any
 
 from conftest import UNIT, Client, Node, connect
@@ -55,3 +57,27 @@ async def test_closing_waits_for_the_peer_within_a_bound(node_factory: Any) -> N
     await asyncio.wait_for(server_side_gone(), 5 * UNIT)
     a.tr.underlying_transport.resume_reading()
     assert await a.wait_closed() == 4008
+
+
+async def test_a_closed_connection_is_freed_without_the_cycle_collector(node: Node) -> None:
+    """Nothing of a closed connection waits for a full collection of the cycle
+    collector: it is freed once the shard has handled the disconnect."""
+    uid = await node.user()
+    a = await connect(node.url(uid))
+    shard = node.shard_for(uid)
+    (sess,) = shard.registry.get(uid) or ()
+    glue = weakref.ref(sess.conn)
+    del sess
+    gc.collect()
+    gc.disable()
+    try:
+        a.tr.send_close()
+        await a.wait_closed()
+        for _ in range(100):
+            if shard.registry.get(uid) is None and glue() is None:
+                break
+            await asyncio.sleep(0.01 * UNIT)
+        assert shard.registry.get(uid) is None
+        assert glue() is None
+    finally:
+        gc.enable()

@@ -84,6 +84,21 @@ async def test_an_upgraded_connection_is_not_cut_by_the_deadline(node_factory: A
     assert not a.closed.is_set()
 
 
+async def test_a_live_connection_keeps_neither_the_upgrade_headers_nor_the_token(
+        node: Node) -> None:
+    """picows keeps the upgrade's request and response on the transport for the
+    connection's life: the shard empties them (memory, and no token in it)."""
+    uid = await node.user()
+    token = node.token(uid)
+    a = await connect(node.url(uid, token))
+    (sess,) = node.shard_for(uid).registry.get(uid) or ()
+    tr = sess.conn.tr
+    assert token.encode() not in tr.request.path and not tr.request.headers
+    assert not tr.response.headers
+    a.send(cmd=10, dstid=uid, media=1, content="still works", cid="c1")
+    assert (await a.recv_until(lambda f: f.get("cmd") == 1))["cid"] == "c1"
+
+
 # --- malformed requests ------------------------------------------------------------
 
 

@@ -160,8 +160,19 @@ def test_an_address_with_nothing_open_leaves_no_entry() -> None:
 def test_limit_zero_counts_nothing() -> None:
     limit = AddressLimit(0)
     for _ in range(10_000):
-        limit.opened("10.0.0.1")
+        assert limit.opened("10.0.0.1") == ""  # nothing for the connection to keep
     assert limit.allows("10.0.0.1") and len(limit) == 0
+
+
+def test_the_connections_of_one_address_share_one_string() -> None:
+    limit = AddressLimit(10)
+    kept = [limit.opened("".join(["10.0.0.", "1"])) for _ in range(3)]
+    assert kept == ["10.0.0.1"] * 3 and all(k is kept[0] for k in kept)
+    for key in kept:
+        limit.closed(key)
+    assert len(limit) == 0
+    fresh = "".join(["10.0.0.", "1"])
+    assert limit.opened(fresh) is fresh  # nothing left of the old one
 
 
 def test_counts_stay_true_through_any_order_of_opens_and_closes() -> None:

@@ -27,6 +27,21 @@ def test_a_user_comes_online_with_its_groups_read_once() -> None:
     assert set(p.group_targets(9)) == set() and set(p.ports_of(2)) == set()
 
 
+def test_users_on_the_same_ports_share_one_set_and_groupless_users_one_empty_set() -> None:
+    p = Presence()
+    for uid in range(1, 5):
+        p.add(uid, 10, [])
+    p.add(4, 11)
+    assert p.ports_of(1) is p.ports_of(2) is p.ports_of(3) and p.ports_of(4) == {10, 11}
+    assert p.add(1, 10) is p.add(2, 10) and not p.add(1, 10)
+    p.remove(4, 11)
+    assert p.ports_of(4) is p.ports_of(1)
+    p.add(5, 11, [7])
+    p.drop_port(11)
+    assert set(p.ports_of(5)) == set() and set(p.group_targets(7)) == set()
+    assert p.add(5, 11, [7]) == {7} and set(p.ports_of(5)) == {11}
+
+
 def test_groups_count_members_per_port() -> None:
     p = Presence()
     p.add(1, 10, [7])

@@ -260,6 +260,7 @@ def test_a_session_accepts_only_what_its_user_may_do() -> None:
 
 def test_waiting_frames_have_a_bound() -> None:
     sess = Session(UID, Limits(waiting_max=2))
+    assert sess.waiting is None  # made by the first frame that waits (idle: nothing)
     for i in range(2):
         assert sess.accept(Message(cmd=CMD_HEARTBEAT, cid=f"w{i}"), 0) is Verdict.WAIT
     assert sess.accept(Message(cmd=CMD_HEARTBEAT, cid="w2"), 0) is Verdict.DONE
