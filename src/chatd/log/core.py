@@ -44,7 +44,20 @@ from chatd.bus.frames import (
 )
 from chatd.errors import NotFoundError, StoreError, StoreUnavailable
 from chatd.log.presence import Presence
-from chatd.store import BROADCAST, DUPLICATE, NO_RECEIVER, STORED, SYSTEM_USER, Store
+from chatd.store import (
+    BROADCAST,
+    DUPLICATE,
+    EV_BAN,
+    EV_JOIN,
+    EV_LEAVE,
+    EV_REVOKE,
+    EV_UNBAN,
+    NO_RECEIVER,
+    STORED,
+    SYSTEM_USER,
+    Event,
+    Store,
+)
 from chatd.wire import (
     CMD_GROUP,
     CMD_PRIVATE,
@@ -72,6 +85,8 @@ class Port(Protocol):
 
 
 Submission = tuple[int, int, Message]  # (port id, the shard's seq, message)
+#: the port of a message no shard submitted (a broadcast)
+NO_PORT: Final = 0
 
 
 class Log:
@@ -113,13 +128,17 @@ class Log:
     async def start(self) -> None:
         """Read where the store is and start the writer."""
         self._loop = asyncio.get_running_loop()
-        self.hw = await self.store.max_message_id()
+        self.hw = await self._start_point()
         self._versions = await self.store.token_versions()
         self._banned = set(await self.store.banned_users())
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._task = self._loop.create_task(self._run(), name="log-writer")
+
+    async def _start_point(self) -> int:
+        """The high-water id the node starts from."""
+        return await self.store.max_message_id()
 
     async def flush(self) -> None:
         """Wait until everything queued so far is committed and routed."""
@@ -204,7 +223,7 @@ class Log:
     ) -> int:
         async def op() -> int:
             gid = await self.store.create_group(name, owner, icon, cate, memo)
-            self._announce_join(owner, gid)
+            self._changed(Event(0, EV_JOIN, owner, gid))
             return gid
 
         return int(await self._control(op))
@@ -213,7 +232,7 @@ class Log:
         async def op() -> bool:
             added = await self.store.join_group(gid, uid)
             if added:
-                self._announce_join(uid, gid)
+                self._changed(Event(0, EV_JOIN, uid, gid))
             return added
 
         return bool(await self._control(op))
@@ -222,8 +241,7 @@ class Log:
         async def op() -> bool:
             removed = await self.store.leave_group(gid, uid)
             if removed:
-                for port in self.presence.leave(uid, gid):
-                    self._emit(port, Left(uid, gid))
+                self._changed(Event(0, EV_LEAVE, uid, gid))
             return removed
 
         return bool(await self._control(op))
@@ -231,8 +249,7 @@ class Log:
     async def revoke_tokens(self, uid: int) -> int:
         async def op() -> int:
             version = await self.store.bump_token_version(uid)
-            self._versions[uid] = version
-            self._emit_all(Revoked(uid, version))
+            self._changed(Event(0, EV_REVOKE, uid, version=version))
             return version
 
         return int(await self._control(op))
@@ -240,12 +257,7 @@ class Log:
     async def set_banned(self, uid: int, banned: bool) -> bool:
         async def op() -> bool:
             changed = await self.store.set_banned(uid, banned)
-            if banned:
-                self._banned.add(uid)
-                self._emit_all(Banned(uid))
-            else:
-                self._banned.discard(uid)
-                self._emit_all(Unbanned(uid))
+            self._changed(Event(0, EV_BAN if banned else EV_UNBAN, uid), changed)
             return changed
 
         return bool(await self._control(op))
@@ -269,14 +281,36 @@ class Log:
             if status != STORED:
                 raise StoreError(f"the broadcast was not stored ({status})")
             self.committed = self.store.committed
-            deliver = Deliver(msg)
-            targets = self._ports if gid is None else self.presence.group_targets(gid)
-            for port in list(targets):
-                self._emit(port, deliver)
-            self.hw = max(self.hw, msg.id)
+            self._committed([(NO_PORT, 0, msg)], [status])
             return msg.id
 
         return int(await self._control(op))
+
+    def _changed(self, event: Event, changed: bool = True) -> None:
+        """A routing change was committed: announce it at this point of the order.
+
+        (A node of a cluster announces it when its place in the cluster's
+        order comes: ``ClusterLog``.)
+        """
+        self._apply_event(event)
+
+    def _apply_event(self, event: Event) -> None:
+        """What a routing change means for the shards: who must learn it."""
+        kind, uid = event.kind, event.uid
+        if kind == EV_JOIN:
+            self._announce_join(uid, event.gid)
+        elif kind == EV_LEAVE:
+            for port in self.presence.leave(uid, event.gid):
+                self._emit(port, Left(uid, event.gid))
+        elif kind == EV_REVOKE:
+            self._versions[uid] = event.version
+            self._emit_all(Revoked(uid, event.version))
+        elif kind == EV_BAN:
+            self._banned.add(uid)
+            self._emit_all(Banned(uid))
+        elif kind == EV_UNBAN:
+            self._banned.discard(uid)
+            self._emit_all(Unbanned(uid))
 
     def _announce_join(self, uid: int, gid: int) -> None:
         for port in self.presence.join(uid, gid):
@@ -366,21 +400,38 @@ class Log:
             self._flush()
             return
         self._count_commit(n, time.perf_counter() - started)
+        self._committed(batch, outcomes)
+
+    def _committed(self, batch: list[Submission], outcomes: list[int]) -> None:
+        """A batch is stored: answer and route it at this point of the order.
+
+        (A node of a cluster does it when the batch's place in the cluster's
+        order comes: ``ClusterLog``.)
+        """
+        self._route_batch(batch, outcomes)
+        self._flush()
+
+    def _route_batch(self, batch: list[Submission], outcomes: list[int]) -> None:
+        """Acks to the ports that submitted, copies to every other port concerned."""
         presence = self.presence
         emit = self._emit
         hw = self.hw
         for (port_id, seq, msg), status in zip(batch, outcomes, strict=True):
             if status == STORED:
-                emit(port_id, Acked(seq, msg.id, msg.ts, True))
+                if port_id != NO_PORT:
+                    emit(port_id, Acked(seq, msg.id, msg.ts, True))
                 deliver: Deliver | None = None
                 if msg.cmd == CMD_PRIVATE:
-                    targets: Any = presence.ports_of(msg.dstid)
-                    if msg.dstid != msg.userid:
-                        mine = presence.ports_of(msg.userid)
-                        # the sender's other devices on other shards (most
-                        # senders have one device: no set to build)
-                        if mine and (len(mine) > 1 or port_id not in mine):
-                            targets = {*targets, *mine}
+                    if msg.dstid == BROADCAST and msg.userid == SYSTEM_USER:
+                        targets: Any = list(self._ports)
+                    else:
+                        targets = presence.ports_of(msg.dstid)
+                        if msg.dstid != msg.userid:
+                            mine = presence.ports_of(msg.userid)
+                            # the sender's other devices on other shards (most
+                            # senders have one device: no set to build)
+                            if mine and (len(mine) > 1 or port_id not in mine):
+                                targets = {*targets, *mine}
                 else:
                     targets = presence.group_targets(msg.dstid)
                 for port in targets:
@@ -395,7 +446,6 @@ class Log:
             elif status == NO_RECEIVER:
                 emit(port_id, Refused(seq, ERR_NOT_FOUND, f"no user {msg.dstid}"))
         self.hw = hw
-        self._flush()
 
     def _count_commit(self, n: int, seconds: float) -> None:
         self.batches += 1

@@ -13,7 +13,10 @@ each port once.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
+
+#: told when the node starts or stops serving a subject: ("u", uid, True), ("g", gid, False)…
+Watch = Callable[[str, int, bool], None]
 
 _NO_PORTS: frozenset[int] = frozenset()
 _NO_GROUPS: frozenset[int] = frozenset()
@@ -28,7 +31,11 @@ class Presence:
     sets of its own (~430 bytes each at 10k connections).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, watch: Watch | None = None) -> None:
+        #: told when a user gets its first port here or loses its last, and when
+        #: a group gets its first online member here or loses its last (the
+        #: node's subscriptions in a cluster)
+        self.watch = watch
         self.users: dict[int, frozenset[int]] = {}
         self.groups_of: dict[int, frozenset[int]] = {}
         self.group_ports: dict[int, dict[int, int]] = {}
@@ -55,6 +62,8 @@ class Presence:
         ports = self.users.get(uid, _NO_PORTS)
         if port not in ports:
             self.users[uid] = self._interned(ports | {port})
+            if not ports and self.watch is not None:
+                self.watch("u", uid, True)
             for gid in current:
                 self._count(gid, port, 1)
         return current
@@ -72,6 +81,8 @@ class Presence:
         else:
             del self.users[uid]
             self.groups_of.pop(uid, None)
+            if self.watch is not None:
+                self.watch("u", uid, False)
 
     def drop_port(self, port: int) -> None:
         """``port`` is gone (its shard died or disconnected): forget what it held."""
@@ -114,6 +125,8 @@ class Presence:
         counts = self.group_ports.get(gid)
         if counts is None:
             counts = self.group_ports[gid] = {}
+            if self.watch is not None:
+                self.watch("g", gid, True)
         n = counts.get(port, 0) + delta
         if n > 0:
             counts[port] = n
@@ -121,3 +134,5 @@ class Presence:
             counts.pop(port, None)
             if not counts:
                 del self.group_ports[gid]
+                if self.watch is not None:
+                    self.watch("g", gid, False)

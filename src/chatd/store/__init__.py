@@ -38,6 +38,24 @@ SYSTEM_USER: Final = 0
 BROADCAST: Final = 0
 
 
+#: kinds of ``Event`` (the routing changes a shared store records in the chain)
+EV_JOIN: Final = 1
+EV_LEAVE: Final = 2
+EV_REVOKE: Final = 3
+EV_BAN: Final = 4
+EV_UNBAN: Final = 5
+
+
+class Event(msgspec.Struct, frozen=True, array_like=True):
+    """A routing change at its place in the chain (``ChainStore``)."""
+
+    id: int
+    kind: int
+    uid: int
+    gid: int = 0
+    version: int = 0
+
+
 class UserRecord(msgspec.Struct, frozen=True):
     """A user as stored (``passwd`` is the scrypt hash)."""
 
@@ -131,3 +149,26 @@ async def open_store(
     return await SqliteStore.open(
         path, synchronous=synchronous, writable=writable, busy_timeout_ms=busy_timeout_ms
     )
+
+
+class ChainStore(Store, Protocol):
+    """A store that several nodes write: every write takes positions in one chain.
+
+    A message batch or a routing change runs under a lock that serialises the
+    chain's writers and takes the positions ``(prev, last]`` from the head, so
+    ids are the commit order across nodes (docs/design.md, "Many nodes").
+    """
+
+    #: (prev, last) of this object's latest chain write
+    last_span: tuple[int, int]
+    #: the routing change the latest routing-change call recorded (None: nothing changed)
+    last_event: Event | None
+
+    async def head(self) -> int:
+        """The highest committed chain position."""
+
+    async def chain_range(self, after: int, upto: int, limit: int) -> list[Message | Event]:
+        """Committed messages and events with ``after`` < id <= ``upto``, in id order."""
+
+    async def group_ids_at(self, uids: Collection[int]) -> tuple[int, dict[int, frozenset[int]]]:
+        """``group_ids_of(uids)`` and the committed head, from one snapshot."""
