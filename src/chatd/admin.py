@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from chatd.bus.unix import UnixControl
 from chatd.errors import ChatdError, NotFoundError, StoreError
-from chatd.store import Store, UserRecord, open_store
+from chatd.store import Store, UserRecord, open_configured
 from chatd.wire import CLOSE_KICKED, MAX_CONTENT_CHARS
 
 if TYPE_CHECKING:
@@ -197,7 +197,7 @@ class AdminServer:
         return self.control
 
     async def _store(self) -> Store:
-        return await open_store(self.supervisor.cfg.db_path, writable=False)
+        return await open_configured(self.supervisor.cfg, writable=False)
 
     async def _shard_row(self, child: Any) -> dict[str, Any]:
         status = child.status

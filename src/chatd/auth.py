@@ -45,6 +45,30 @@ def load_or_create_secret(data_dir: Path) -> bytes:
     return secret
 
 
+def read_secret(path: Path) -> bytes:
+    """The token secret shared by a cluster's nodes (``secret_file``): it must
+    exist, so that no node makes a secret of its own by mistake."""
+    try:
+        secret = path.read_bytes()
+    except FileNotFoundError:
+        raise AuthError(
+            f"secret_file {path} does not exist: make it once "
+            f"(head -c 32 /dev/urandom > {path}; chmod 600 {path}) and give every node a copy"
+        ) from None
+    except OSError as exc:
+        raise AuthError(f"secret_file {path}: {exc.strerror}") from None
+    if len(secret) < SECRET_BYTES:
+        raise AuthError(f"{path} is shorter than {SECRET_BYTES} bytes")
+    return secret
+
+
+def node_secret(data_dir: Path, secret_file: str = "") -> bytes:
+    """The token secret of a node: ``secret_file`` if set, else ``data_dir/secret``."""
+    if secret_file:
+        return read_secret(Path(secret_file))
+    return load_or_create_secret(data_dir)
+
+
 def _b64(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 

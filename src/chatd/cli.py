@@ -23,7 +23,7 @@ from chatd import __version__, auth, tune
 from chatd.admin_cli import add_parsers, run_admin, run_db
 from chatd.config import Config, load
 from chatd.errors import ChatdError, StoreUnavailable
-from chatd.store import Store, open_store
+from chatd.store import Store, open_configured
 
 
 def _config_flags(p: argparse.ArgumentParser, serving: bool) -> None:
@@ -46,6 +46,18 @@ def _config_flags(p: argparse.ArgumentParser, serving: bool) -> None:
         p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
         p.add_argument("--tls-cert", metavar="PEM", help="certificate chain (env CHATD_TLS_CERT)")
         p.add_argument("--tls-key", metavar="PEM", help="private key (env CHATD_TLS_KEY)")
+        p.add_argument(
+            "--store",
+            metavar="URL",
+            help="sqlite:///path/chatd.db (default: in the data folder) or "
+            "postgresql://user@host:port/db (env CHATD_STORE)",
+        )
+        p.add_argument(
+            "--bus",
+            metavar="URLS",
+            help="NATS servers of a cluster, comma-separated nats:// URLs (env CHATD_BUS)",
+        )
+        p.add_argument("--node-id", metavar="NAME", help="this node's name (env CHATD_NODE_ID)")
         p.add_argument(
             "--shards",
             type=int,
@@ -141,20 +153,55 @@ def _config(args: argparse.Namespace) -> Config:
     flags = {
         k: getattr(args, k, None)
         for k in ("data_dir", "host", "chat_port", "api_port", "log_level", "shards",
-                  "tls_cert", "tls_key")
+                  "tls_cert", "tls_key", "store", "bus", "node_id")
     }
     return load(args.config, flags=flags)
 
 
 def _with_store(cfg: Config, action: Callable[[Store], Awaitable[Any]]) -> Any:
     async def go() -> Any:
-        store = await open_store(cfg.db_path, synchronous=cfg.db_synchronous)
+        store = await open_configured(cfg)
         try:
             return await action(store)
         finally:
             await store.close()
 
     return asyncio.run(go())
+
+
+async def _check_engines(cfg: Config) -> list[str]:
+    """Try the store and every NATS server the config names; what did not answer."""
+    failed: list[str] = []
+    if cfg.store_is_postgres:
+        where = _without_password(cfg.store)
+        try:
+            store = await asyncio.wait_for(open_configured(cfg, writable=False), 10)
+        except (ChatdError, TimeoutError) as exc:
+            failed.append(f"store {where} ({exc or 'no answer in 10 s'})")
+        else:
+            await store.close()
+            print(f"store {where}: reachable")
+    if cfg.bus:
+        from chatd.bus.nats import probe
+
+        for url in cfg.bus:
+            try:
+                await probe(url)
+            except ChatdError as exc:
+                failed.append(f"bus {url} ({exc})")
+            else:
+                print(f"bus {url}: reachable")
+    return failed
+
+
+def _without_password(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return parts._replace(netloc=netloc).geturl()
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -169,9 +216,15 @@ def _run(args: argparse.Namespace) -> int:
         from chatd.tls import server_context
 
         server_context(cfg)  # the certificate and key load
+        if cfg.secret_file:
+            auth.read_secret(Path(cfg.secret_file))
+        unreachable = asyncio.run(_check_engines(cfg))
+        if unreachable:
+            raise ChatdError("unreachable: " + "; ".join(unreachable))
         print(
             f"config ok: chat on {cfg.host}:{cfg.chat_port} ({cfg.shard_count} shards), api on "
             f"{cfg.host}:{cfg.api_port}, data in {cfg.data_dir}"
+            + (f", node {cfg.node_name} of a cluster" if cfg.clustered else "")
         )
         return 0
     if args.command == "admin":
@@ -186,7 +239,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "token":
         cfg.data_path.mkdir(parents=True, exist_ok=True)
-        secret = auth.load_or_create_secret(cfg.data_path)
+        secret = auth.node_secret(cfg.data_path, cfg.secret_file)
         version = _with_store(cfg, lambda s: s.token_version(args.uid))
         print(auth.issue_token(secret, args.uid, version, args.ttl or cfg.token_ttl_s))
         return 0
@@ -212,7 +265,7 @@ def _with_control(cfg: Config, action: Callable[[Any], Awaitable[Any]]) -> Any:
                 raise
         finally:
             await control.close()
-        store = await open_store(cfg.db_path, synchronous=cfg.db_synchronous)
+        store = await open_configured(cfg)
         try:
             return await action(_StoreControl(store))
         finally:

@@ -17,6 +17,8 @@ import dataclasses
 import hashlib
 import math
 import os
+import re
+import socket
 import tempfile
 import tomllib
 import typing
@@ -31,6 +33,10 @@ from chatd.errors import ConfigError
 ENV_PREFIX = "CHATD_"
 #: longest run folder: its sockets' paths must fit in a sockaddr_un (108 bytes)
 _RUN_PATH_MAX = 90
+
+_SQLITE = "sqlite://"
+_POSTGRES = ("postgresql://", "postgres://")
+_NODE_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 _Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 _Positive = Annotated[int, msgspec.Meta(gt=0)]
@@ -103,6 +109,18 @@ class Config:
     #: backup, a sqlite3 shell) before the message is refused with error 503
     db_busy_timeout_ms: Annotated[int, msgspec.Meta(ge=0)] = 10_000
     token_ttl_s: _Positive = 30 * 24 * 3600
+    #: where the data lives: "" = SQLite in DATA_DIR/chatd.db, "sqlite:///abs/path.db",
+    #: or "postgresql://user@host:port/db" (the nodes of a cluster share one)
+    store: str = ""
+    #: the NATS servers between the nodes of a cluster (nats:// URLs); empty = one node
+    bus: tuple[str, ...] = ()
+    #: this node's name in the cluster (its headers, its logs); "" = the host name
+    node_id: str = ""
+    #: the token secret: "" = DATA_DIR/secret (made at the first start); the nodes
+    #: of a cluster must share one file, or a token of one node fails on the others
+    secret_file: str = ""
+    #: PostgreSQL connections a process keeps (the log's writer and readers)
+    pg_pool: Annotated[int, msgspec.Meta(ge=1, le=100)] = 4
 
     @property
     def data_path(self) -> Path:
@@ -110,7 +128,27 @@ class Config:
 
     @property
     def db_path(self) -> Path:
+        """The SQLite file (``store`` "" or "sqlite://…")."""
+        if self.store.startswith(_SQLITE):
+            return Path(self.store[len(_SQLITE):])
         return self.data_path / "chatd.db"
+
+    @property
+    def store_is_postgres(self) -> bool:
+        return self.store.startswith(_POSTGRES)
+
+    @property
+    def clustered(self) -> bool:
+        """Whether this node is one of a cluster (``bus`` is set)."""
+        return bool(self.bus)
+
+    @property
+    def node_name(self) -> str:
+        return self.node_id or socket.gethostname()
+
+    @property
+    def secret_path(self) -> Path:
+        return Path(self.secret_file) if self.secret_file else self.data_path / "secret"
 
     @property
     def shard_count(self) -> int:
@@ -188,6 +226,21 @@ def _check(cfg: Config) -> Config:
         or "?" in cfg.echo_path
     ):
         raise ConfigError("echo_path: must be a path like /echo, other than /chat and /healthz")
+    if cfg.store and not (cfg.store.startswith(_SQLITE) or cfg.store_is_postgres):
+        raise ConfigError(
+            f"store: {cfg.store!r} is not sqlite:///path/chatd.db or postgresql://user@host/db"
+        )
+    for url in cfg.bus:
+        if not url.startswith(("nats://", "tls://")):
+            raise ConfigError(f"bus: {url!r} is not a nats:// URL")
+    if cfg.bus and not cfg.store_is_postgres:
+        raise ConfigError("bus: the nodes of a cluster share one store: "
+                          "set store = postgresql://user@host:port/db")
+    if cfg.bus and not cfg.secret_file:
+        raise ConfigError("secret_file: the nodes of a cluster must share one token secret: "
+                          "set secret_file to a file every node reads")
+    if cfg.node_id and not _NODE_ID.fullmatch(cfg.node_id):
+        raise ConfigError("node_id: letters, digits, '_', '.', '-' (at most 64)")
     for origin in cfg.allowed_origins:
         if origin != "*" and "://" not in origin:
             raise ConfigError(

@@ -43,7 +43,7 @@ from chatd.control import Link
 from chatd.errors import ConfigError, StoreUnavailable
 from chatd.log import Log
 from chatd.shard import Shard
-from chatd.store import Store, open_store
+from chatd.store import Store, open_configured
 from chatd.supervisor import Supervisor
 from chatd.wire import CLOSE_GOING_AWAY, CLOSE_SERVICE_RESTART
 
@@ -105,13 +105,11 @@ async def open_node(cfg: Config, *, port: int | None = None, shards: int = 1) ->
     choose where a connection lands.
     """
     cfg.data_path.mkdir(parents=True, exist_ok=True)
-    secret = auth.load_or_create_secret(cfg.data_path)
-    store = await open_store(
-        cfg.db_path, synchronous=cfg.db_synchronous, busy_timeout_ms=cfg.db_busy_timeout_ms
-    )
+    secret = auth.node_secret(cfg.data_path, cfg.secret_file)
+    store = await open_configured(cfg)
     node = None
     try:
-        node_log = Log(store, batch_max=cfg.batch_max, queue_max=cfg.queue_max)
+        node_log = make_log(cfg, store)
         await node_log.start()
         node = EmbeddedNode(cfg, store, node_log, [], [])
         if shards == 1:
@@ -125,9 +123,7 @@ async def open_node(cfg: Config, *, port: int | None = None, shards: int = 1) ->
         node.server = LogServer(node_log, log_socket(cfg))
         await node.server.start()
         for index in range(shards):
-            reader = await open_store(
-                cfg.db_path, writable=False, busy_timeout_ms=cfg.db_busy_timeout_ms
-            )
+            reader = await open_configured(cfg, writable=False)
             node.readers.append(reader)
             shard = Shard(cfg, reader, _checker(secret, await reader.token_versions()), index)
             bus = UnixLogLink(log_socket(cfg), index, shard)
@@ -144,6 +140,21 @@ async def open_node(cfg: Config, *, port: int | None = None, shards: int = 1) ->
             await store.close()
         raise
     return node
+
+
+def make_log(cfg: Config, store: Store) -> Log:
+    """The node's log: one of a cluster (``bus`` set, a shared store) or alone."""
+    if cfg.clustered:
+        from chatd.log.cluster import ClusterLog
+
+        return ClusterLog(
+            store,  # type: ignore[arg-type]  # check-config made sure it is PostgreSQL
+            node=cfg.node_name,
+            servers=list(cfg.bus),
+            batch_max=cfg.batch_max,
+            queue_max=cfg.queue_max,
+        )
+    return Log(store, batch_max=cfg.batch_max, queue_max=cfg.queue_max)
 
 
 def _checker(secret: bytes, versions: dict[int, int]) -> auth.TokenChecker:
@@ -213,10 +224,8 @@ async def run_log(cfg: Config, index: int, conn: Connection) -> int:
     stop = asyncio.Event()
     signalled = asyncio.Event()
     _child_signals(stop, signalled)
-    store = await open_store(
-        cfg.db_path, synchronous=cfg.db_synchronous, busy_timeout_ms=cfg.db_busy_timeout_ms
-    )
-    node_log = Log(store, batch_max=cfg.batch_max, queue_max=cfg.queue_max)
+    store = await open_configured(cfg)
+    node_log = make_log(cfg, store)
     await node_log.start()
     server = LogServer(node_log, log_socket(cfg))
     await server.start()
@@ -268,22 +277,18 @@ async def run_shard(cfg: Config, index: int, conn: Connection) -> int:
     stop = asyncio.Event()
     close_code: list[Any] = [CLOSE_GOING_AWAY, "server going away"]
     _child_signals(stop)
-    secret = auth.load_or_create_secret(cfg.data_path)
+    secret = auth.node_secret(cfg.data_path, cfg.secret_file)
     hosts_log = index == 0 and cfg.log_in_shard
     node_log: Log | None = None
     server: LogServer | None = None
     if hosts_log:
-        store = await open_store(
-            cfg.db_path, synchronous=cfg.db_synchronous, busy_timeout_ms=cfg.db_busy_timeout_ms
-        )
-        node_log = Log(store, batch_max=cfg.batch_max, queue_max=cfg.queue_max)
+        store = await open_configured(cfg)
+        node_log = make_log(cfg, store)
         await node_log.start()
         server = LogServer(node_log, log_socket(cfg))
         await server.start()
     else:
-        store = await open_store(
-            cfg.db_path, writable=False, busy_timeout_ms=cfg.db_busy_timeout_ms
-        )
+        store = await open_configured(cfg, writable=False)
     checker = auth.TokenChecker(secret, await store.token_versions())
     checker.banned = set(await store.banned_users())
     shard = Shard(cfg, store, checker, index)
@@ -364,10 +369,8 @@ async def run_api(cfg: Config, index: int, conn: Connection) -> int:
 
     stop = asyncio.Event()
     _child_signals(stop)
-    secret = auth.load_or_create_secret(cfg.data_path)
-    store = await open_store(
-        cfg.db_path, synchronous=cfg.db_synchronous, busy_timeout_ms=cfg.db_busy_timeout_ms
-    )
+    secret = auth.node_secret(cfg.data_path, cfg.secret_file)
+    store = await open_configured(cfg)
     control = UnixControl(log_socket(cfg))
     app = make_app(cfg, store, secret, control)
     ctx = app[CTX]

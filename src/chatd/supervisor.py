@@ -45,7 +45,7 @@ from chatd.config import Config
 from chatd.control import Link
 from chatd.errors import ConfigError
 from chatd.notify import notify, watchdog_interval_s
-from chatd.store import open_store
+from chatd.store import open_configured
 
 log = logging.getLogger("chatd.supervisor")
 
@@ -130,8 +130,8 @@ class Supervisor:
         cfg = self.cfg
         tls.server_context(cfg)  # a certificate that does not load fails here, once
         cfg.data_path.mkdir(parents=True, exist_ok=True)
-        auth.load_or_create_secret(cfg.data_path)
-        store = await open_store(cfg.db_path, synchronous=cfg.db_synchronous)
+        auth.node_secret(cfg.data_path, cfg.secret_file)
+        store = await open_configured(cfg)
         await store.close()
         cfg.run_path.mkdir(parents=True, exist_ok=True, mode=0o700)
         cfg.run_path.chmod(0o700)

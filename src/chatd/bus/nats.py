@@ -154,6 +154,7 @@ class NodeBus:
         self._changes: asyncio.Event | None = None
         self._syncer: asyncio.Task[None] | None = None
         self._flush_soon = False
+        self._closing = False
         # figures
         self.published = 0
         self.dropped = 0
@@ -171,6 +172,8 @@ class NodeBus:
         self._changes = asyncio.Event()
 
         async def lost() -> None:
+            if self._closing:
+                return
             log.warning("NATS link lost; reconnecting")
             self._on_lost()
 
@@ -210,6 +213,7 @@ class NodeBus:
         self._syncer = loop.create_task(self._sync_subscriptions(), name="nats-subscriptions")
 
     async def close(self) -> None:
+        self._closing = True
         if self._syncer is not None:
             self._syncer.cancel()
             await asyncio.gather(self._syncer, return_exceptions=True)
@@ -322,3 +326,29 @@ class NodeBus:
     def _flush(self) -> None:
         self._flush_soon = False
         asyncio.get_running_loop().create_task(self._nc._flush_pending())
+
+
+async def probe(url: str, timeout_s: float = 3.0) -> None:
+    """Connect to the NATS server at ``url`` once (``chatd check-config``);
+    ``StoreUnavailable`` saying why if it does not answer."""
+    nc = _NatsClient()
+
+    async def quiet(exc: Exception) -> None:
+        return None
+
+    try:
+        await asyncio.wait_for(
+            nc.connect(
+                servers=[url],
+                allow_reconnect=False,
+                max_reconnect_attempts=0,
+                connect_timeout=timeout_s,  # type: ignore[arg-type]
+                error_cb=quiet,
+            ),
+            timeout_s + 1,
+        )
+    except (TimeoutError, OSError, nats.errors.Error) as exc:
+        raise StoreUnavailable(str(exc) or type(exc).__name__) from None
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.close()

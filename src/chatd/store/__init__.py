@@ -21,11 +21,14 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from pathlib import Path
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 import msgspec
 
 from chatd.wire import Message
+
+if TYPE_CHECKING:
+    from chatd.config import Config
 
 #: outcome of one message of ``Store.append``
 STORED: Final = 0  # a new row: deliver it
@@ -172,3 +175,20 @@ class ChainStore(Store, Protocol):
 
     async def group_ids_at(self, uids: Collection[int]) -> tuple[int, dict[int, frozenset[int]]]:
         """``group_ids_of(uids)`` and the committed head, from one snapshot."""
+
+
+async def open_configured(cfg: Config, *, writable: bool = True) -> Store:
+    """Open the store ``cfg`` names (``store``): SQLite (the embedded default)
+    or PostgreSQL. A writable open creates and migrates the schema."""
+    if cfg.store_is_postgres:
+        from chatd.store.postgres import PostgresStore
+
+        return await PostgresStore.open(
+            cfg.store, min_size=1, max_size=cfg.pg_pool if writable else 2, migrate=writable
+        )
+    return await open_store(
+        cfg.db_path,
+        synchronous=cfg.db_synchronous,
+        writable=writable,
+        busy_timeout_ms=cfg.db_busy_timeout_ms,
+    )
