@@ -103,7 +103,7 @@ def run_admin(cfg: Config, args: argparse.Namespace) -> int:
     elif isinstance(data, list):
         print(table([_readable(row) for row in data]) if data else "(none)")
     else:
-        print("\n".join(f"{k}: {v}" for k, v in data.items()))
+        print("\n".join(f"{k}: {v}".rstrip() for k, v in data.items()))
     return 0
 
 
