@@ -450,6 +450,33 @@ test("bytes that are not exactly one value raise MsgpackError, never anything el
   assert.throws(() => msgpackEncode(cycle), MsgpackError);
 });
 
+test("random bytes decode to a value or raise MsgpackError, nothing else", () => {
+  // a fixed xorshift stream, so that a failure can be replayed
+  let x = 0x9e3779b9;
+  const next = () => {
+    x ^= x << 13; x >>>= 0; x ^= x >>> 17; x ^= x << 5; x >>>= 0;
+    return x;
+  };
+  const seed = msgpackEncode({ cmd: 10, id: 2 ** 40, content: "é😀", list: [1, -300, null] });
+  let values = 0;
+  for (let i = 0; i < 20_000; i += 1) {
+    let bytes;
+    if (i % 2) { // a valid frame with a few bytes changed
+      bytes = seed.slice();
+      for (let k = next() % 4; k >= 0; k -= 1) bytes[next() % bytes.length] = next() & 0xff;
+    } else {
+      bytes = new Uint8Array(next() % 24).map(() => next() & 0xff);
+    }
+    try {
+      msgpackDecode(bytes);
+      values += 1;
+    } catch (err) {
+      assert.ok(err instanceof MsgpackError, `${hex(bytes)}: ${err}`);
+    }
+  }
+  assert.ok(values > 0);
+});
+
 // --- a ChatClient speaking MessagePack --------------------------------------------------
 
 test("a msgpack client writes binary frames: a heartbeat first, then the queue", () => {
