@@ -16,7 +16,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,6 +25,7 @@ from typing import Any
 
 import pytest
 import uvloop
+from net_helpers import free_port_range  # noqa: F401  (the tests import it from here too)
 from picows import WSListener, WSMsgType, ws_connect
 
 from chatd import auth
@@ -245,30 +245,6 @@ async def connect(url: str, *, settle: bool = True, **kwargs: Any) -> Client:
     if settle and node is not None:
         await settled(node)
     return client  # type: ignore[no-any-return]
-
-
-def free_port_range(n: int) -> int:
-    """The first of ``n`` consecutive loopback ports that are free now (probed, not
-    held), for ``shard_base_port``: shard *i* listens alone on base + *i*."""
-    for _ in range(100):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = int(probe.getsockname()[1])
-        if base + n > 65535:
-            continue
-        socks: list[socket.socket] = []
-        try:
-            for port in range(base, base + n):
-                sock = socket.socket()
-                socks.append(sock)
-                sock.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-        return base
-    raise AssertionError(f"no {n} consecutive free ports")
 
 
 def run_cli(*args: str, data_dir: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
