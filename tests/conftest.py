@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 import uvloop
+from net_helpers import free_port_range  # noqa: F401  (the tests import it from here too)
 from picows import WSListener, WSMsgType, ws_connect
 
 from chatd import auth

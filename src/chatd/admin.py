@@ -122,6 +122,7 @@ class AdminServer:
             return {"drained": int(index), "shards": [c.index for c in sup.shards()]}
         if cmd == "online":
             uid = int(request["uid"])
+            await self._known_user(uid)
             rows = []
             for child in sup.shards():
                 sessions = await sup.ask(child, "online", uid)
@@ -134,6 +135,7 @@ class AdminServer:
             uid, code = int(request["uid"]), int(request.get("code", CLOSE_KICKED))
             if not 4000 <= code <= 4999:
                 raise AdminError("a kick's close code is 4000-4999 (4500+: do not reconnect)")
+            await self._known_user(uid)
             closed = 0
             for child in sup.shards():
                 closed += int(await sup.ask(child, "kick", uid, code) or 0)
@@ -191,6 +193,16 @@ class AdminServer:
                 "banned": bool(user.banned), "groups": [g.id for g in groups],
                 "online": online}
 
+    async def _known_user(self, uid: int) -> None:
+        """``AdminError`` if there is no user ``uid``: a mistyped id is an error,
+        not a user who happens to have no connection."""
+        store = await self._store()
+        try:
+            if await store.user_by_id(uid) is None:
+                raise AdminError(f"no user {uid}")
+        finally:
+            await store.close()
+
     def _control(self) -> UnixControl:
         if self.control is None:
             self.control = UnixControl(self.supervisor.cfg.run_path / "log.sock")
@@ -231,7 +243,10 @@ class AdminClient:
 
     def __init__(self, path: Path, timeout_s: float = 60.0) -> None:
         fallback = SYSTEMD_RUN_DIR / path.name
-        self.path = path if path.exists() or not fallback.exists() else fallback
+        # os.path.exists, not Path.exists: a folder this user may not enter is
+        # "not here" (the connect then says why), not a traceback
+        here = os.path.exists(path) or not os.path.exists(fallback)
+        self.path = path if here else fallback
         self.timeout_s = timeout_s
 
     async def request(self, **request: Any) -> Any:
@@ -241,9 +256,14 @@ class AdminClient:
         except FileNotFoundError:
             raise AdminError(f"no node is running here (no {self.path})") from None
         except PermissionError:
-            raise AdminError(f"no permission to use {self.path}") from None
+            raise AdminError(
+                f"no permission to use {self.path} (run as the user chatd runs as, or root)"
+            ) from None
         except ConnectionRefusedError:
+            # a socket file left behind by a node that died without removing it
             raise AdminError(f"the node at {self.path} is not running") from None
+        except OSError as exc:
+            raise AdminError(f"cannot reach the node at {self.path}: {exc.strerror}") from None
         try:
             writer.write(json.dumps(request).encode() + b"\n")
             line = await asyncio.wait_for(reader.readline(), self.timeout_s)
@@ -253,7 +273,12 @@ class AdminClient:
             writer.close()
         if not line:
             raise AdminError("the node closed the admin connection")
-        answer = json.loads(line)
+        try:
+            answer = json.loads(line)
+        except ValueError:
+            raise AdminError(f"{self.path} did not answer as a chatd node does") from None
+        if not isinstance(answer, dict):
+            raise AdminError(f"{self.path} did not answer as a chatd node does")
         if not answer.get("ok"):
             raise AdminError(str(answer.get("error")))
         return answer.get("data")

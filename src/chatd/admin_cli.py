@@ -98,10 +98,12 @@ def run_admin(cfg: Config, args: argparse.Namespace) -> int:
     data = asyncio.run(client.request(**request))
     if args.json:
         print(json.dumps(data, indent=2, sort_keys=True))
+    elif action == "online" and not data:
+        print(f"user {args.uid} is offline")  # a known user: an unknown one is an error
     elif isinstance(data, list):
         print(table([_readable(row) for row in data]) if data else "(none)")
     else:
-        print("\n".join(f"{k}: {v}" for k, v in data.items()))
+        print("\n".join(f"{k}: {v}".rstrip() for k, v in data.items()))
     return 0
 
 

@@ -223,6 +223,11 @@ class ChatClient(ApiClient):
         return self._last
 
     @property
+    def connections(self) -> int:
+        """How many websocket connections have opened so far: the first plus reconnects."""
+        return self._serial
+
+    @property
     def pending(self) -> int:
         """Messages submitted but not acked yet."""
         return len(self._outbox)

@@ -7,8 +7,10 @@ Keys are the field names below; in the environment they are upper-cased with a
 comma-separated there. Every value, whatever its source, is checked by one
 mechanism: ``msgspec.convert`` against the field's annotated type (ranges
 included), strictly for TOML values, which are typed already, and with text
-conversion for the environment and string flags. Unknown keys and values of
-the wrong type are refused with a ``ConfigError`` that names the key.
+conversion for the environment and string flags. A setting with a fixed set
+of values is a ``Literal`` type, written in any case (``INFO``, ``normal``):
+it is brought to the case of its values before the check. Unknown keys and
+values of the wrong type are refused with a ``ConfigError`` that names the key.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import tomllib
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import msgspec
 
@@ -41,6 +43,9 @@ _NODE_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 _Positive = Annotated[int, msgspec.Meta(gt=0)]
 _PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogProcess = Literal["auto", "own", "shard"]
+DbSynchronous = Literal["NORMAL", "FULL"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,12 +56,12 @@ class Config:
     chat_port: _Port = 8080
     api_port: _Port = 8081
     data_dir: str = "./data"
-    log_level: str = "info"
+    log_level: LogLevel = "info"
     #: shard processes on the chat port; 0 = one per CPU
     shards: Annotated[int, msgspec.Meta(ge=0, le=1024)] = 0
     #: where the node's log runs: "own" (a process of its own), "shard" (inside
     #: shard 0: no hop between processes), "auto" (inside with one shard)
-    log_process: str = "auto"
+    log_process: LogProcess = "auto"
     #: the node's sockets (the log's, the admin's): "" = DATA_DIR/run
     run_dir: str = ""
     #: if set, shard i also listens on this port + i, alone (diagnostics and the
@@ -104,7 +109,7 @@ class Config:
     #: messages waiting for the store past which new ones are refused (503 error frame)
     queue_max: _Positive = 100_000
     #: SQLite synchronous mode for messages: NORMAL survives process crashes, FULL power loss
-    db_synchronous: str = "NORMAL"
+    db_synchronous: DbSynchronous = "NORMAL"
     #: how long a store statement waits for a lock held by another connection (a
     #: backup, a sqlite3 shell) before the message is refused with error 503
     db_busy_timeout_ms: Annotated[int, msgspec.Meta(ge=0)] = 10_000
@@ -198,12 +203,27 @@ def _from_text(key: str, text: str) -> Any:
     return text
 
 
+def _choices(key: str) -> tuple[str, ...]:
+    """The values of a ``Literal`` setting; () for any other."""
+    kind = _TYPES[key]
+    return get_args(kind) if get_origin(kind) is Literal else ()
+
+
 def _coerce(key: str, value: Any, from_text: bool) -> Any:
     if from_text:
         value = _from_text(key, str(value))
+    choices = _choices(key)
+    if choices and isinstance(value, str):
+        # the values of one setting share a case (log levels lower, SQLite's
+        # modes upper); any case is accepted, as logging and SQLite do
+        value = value.strip()
+        value = value.upper() if choices[0].isupper() else value.lower()
     try:
         return msgspec.convert(value, _TYPES[key], strict=not from_text)
     except msgspec.ValidationError as exc:
+        if choices:
+            listed = ", ".join(choices[:-1]) + f" or {choices[-1]}"
+            raise ConfigError(f"{key}: must be {listed}") from None
         raise ConfigError(f"{key}: {exc}".replace(" - at `$`", "")) from None
 
 
@@ -213,14 +233,8 @@ def _check(cfg: Config) -> Config:
                 "handshake_timeout_s"):
         if not math.isfinite(getattr(cfg, key)):
             raise ConfigError(f"{key}: must be a finite number")
-    if cfg.db_synchronous.upper() not in ("NORMAL", "FULL"):
-        raise ConfigError("db_synchronous: must be NORMAL or FULL")
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
         raise ConfigError("tls_cert and tls_key: give both, or neither")
-    if cfg.log_process not in ("auto", "own", "shard"):
-        raise ConfigError("log_process: must be auto, own or shard")
-    if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
-        raise ConfigError("log_level: must be debug, info, warning or error")
     if cfg.echo_path and (
         not cfg.echo_path.startswith("/") or cfg.echo_path in ("/chat", "/healthz")
         or "?" in cfg.echo_path

@@ -40,11 +40,12 @@ DEFAULT_CONNECTIONS: Final = 100_000
 DEFAULT_PROC_ROOT: Final = "/proc"
 DEFAULT_UNIT: Final = "/etc/systemd/system/chatd.service"
 
-#: KiB of chatd's own memory per idle connection: the bench's figure, about
-#: 8.1 KiB of server RSS per connection measured with
-#: ``chatd-bench connect --conns 10000``. The kernel's socket buffers are not
-#: in RSS; they come on top (from ``tcp_rmem`` / ``tcp_wmem``).
-KIB_PER_CONNECTION: Final = 8.1
+#: KiB of chatd's own memory per idle connection: the bench's figure, 6.2 KiB
+#: of server RSS per connection measured with ``chatd-bench connect --conns
+#: 10000 --conn-rate 2000 --hold 2 --pin 0:1 --shards 1`` (docs/design.md,
+#: "Idle connections are kept small"). The kernel's socket buffers are not in
+#: RSS; they come on top (from ``tcp_rmem`` / ``tcp_wmem``).
+KIB_PER_CONNECTION: Final = 6.2
 #: files a chatd process holds besides its connections: database, WAL,
 #: listeners, the supervisor's pipes, logs
 FD_HEADROOM: Final = 1024

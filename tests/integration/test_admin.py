@@ -1,16 +1,35 @@
 """``chatd admin …`` and ``chatd db …`` against a running ``chatd serve``:
-kick, broadcast, ban/unban/revoke/show, group members, stats, online backups;
-every error one line and exit status 1."""
+kick, broadcast, ban/unban/revoke/show, online, group members, stats, online
+backups; the admin socket (its mode, how the CLI finds it); every error one
+line and exit status 1."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import shutil
+import socket
 import sqlite3
+import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
-from conftest import ServerProcess, close_clients, connect, http_request, run_cli, send_acked
+from conftest import (
+    UNIT,
+    ServerProcess,
+    close_clients,
+    connect,
+    http_request,
+    run_cli,
+    send_acked,
+)
+from net_helpers import free_port_range
 from picows import WSInvalidStatusError
 
 from chatd import auth
@@ -19,9 +38,11 @@ pytestmark = pytest.mark.slow
 
 
 class Admin:
-    def __init__(self, server: ServerProcess) -> None:
+    def __init__(self, server: ServerProcess, shard_base_port: int) -> None:
         self.server = server
         self.data = server.data_dir
+        #: shard i also listens alone on this port + i
+        self.shard_base_port = shard_base_port
 
     async def ok(self, *args: str) -> Any:
         loop = asyncio.get_running_loop()
@@ -35,9 +56,18 @@ class Admin:
         assert done.stderr.count("\n") == 1, done.stderr  # one clear line
         return done.stderr
 
-    def url(self, uid: int, version: int = 0) -> str:
+    async def text(self, *args: str) -> str:
+        """The human (not ``--json``) output of ``chatd admin ARGS``."""
+        loop = asyncio.get_running_loop()
+        done = await loop.run_in_executor(
+            None, lambda: run_cli("admin", *args, data_dir=self.data))
+        return done.stdout
+
+    def url(self, uid: int, version: int = 0, shard: int | None = None) -> str:
+        """A chat url for ``uid``: the node's port, or shard ``shard``'s own."""
         token = auth.issue_token(auth.load_or_create_secret(self.data), uid, version, 3600)
-        return f"ws://127.0.0.1:{self.server.port}/chat?id={uid}&token={token}"
+        port = self.server.port if shard is None else self.shard_base_port + shard
+        return f"ws://127.0.0.1:{port}/chat?id={uid}&token={token}"
 
 
 @pytest.fixture
@@ -45,10 +75,11 @@ async def admin(tmp_path: Path, server_procs: list[ServerProcess]) -> Admin:
     data = tmp_path / "data"
     for i in range(4):
         run_cli("user", "add", "--mobile", f"80{i}", "--password", "pw1234", data_dir=data)
-    server = ServerProcess(data, "--shards", "2")
+    base = free_port_range(2)
+    server = ServerProcess(data, "--shards", "2", env={"CHATD_SHARD_BASE_PORT": str(base)})
     server_procs.append(server)
     await server.started()
-    return Admin(server)
+    return Admin(server, base)
 
 
 async def test_kick_closes_a_users_connections_with_the_code(admin: Admin) -> None:
@@ -183,3 +214,163 @@ def test_admin_without_a_running_node_is_one_clear_error(tmp_path: Path) -> None
     done = run_cli("admin", "shards", "list", data_dir=tmp_path / "nothing", check=False)
     assert done.returncode == 1 and "no node is running here" in done.stderr
     assert done.stderr.count("\n") == 1
+
+
+async def test_an_unknown_user_is_an_error_an_offline_one_is_not(admin: Admin) -> None:
+    for args in (("kick", "77"), ("online", "77"), ("user", "revoke", "77"),
+                 ("user", "unban", "77")):
+        assert "no user 77" in await admin.fails(*args), args
+    # user 4 exists and has no connection: an answer, not an error
+    assert await admin.ok("online", "4") == []
+    assert await admin.text("online", "4") == "user 4 is offline\n"
+    assert await admin.ok("kick", "4") == {"uid": 4, "closed": 0, "code": 4001}
+
+
+async def test_online_lists_each_device_with_its_shard_state_and_since(admin: Admin) -> None:
+    before = int(time.time())
+    devices = [await connect(admin.url(1, shard=i)) for i in (0, 1)]
+    for i, device in enumerate(devices):
+        await send_acked(device, 2, 1, prefix=f"warm{i}-")  # registered on its shard
+    after = time.time()
+    rows = await admin.ok("online", "1")
+    assert sorted(row["shard"] for row in rows) == [0, 1]
+    for row in rows:
+        assert (row["state"], row["encoding"]) == ("live", "json")
+        assert before <= row["since"] <= after
+    lines = (await admin.text("online", "1")).splitlines()
+    assert lines[0].split() == ["shard", "state", "since", "encoding"] and len(lines) == 3
+    shown = {int(line.split()[0]): line.split()[1:] for line in lines[1:]}
+    for row in rows:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["since"]))
+        assert shown[row["shard"]] == ["live", *since.split(), "json"]
+    await close_clients(*devices)
+
+
+async def test_stats_shows_flood_closes_restarts_and_the_stores_figures(admin: Admin) -> None:
+    flooder = await connect(admin.url(3, shard=0))
+    await send_acked(flooder, 2, 1, prefix="warm")  # registered: the flood control applies
+    for _ in range(2000):  # past rate_burst (600) at once
+        flooder.send(cmd=0)
+    assert await flooder.wait_closed() == 4008
+    [one] = [s for s in await admin.ok("shards", "list") if s["index"] == 1]
+    psutil.Process(one["pid"]).kill()
+
+    async def reported() -> dict[str, dict[str, Any]]:
+        # shard-0 has reported its close, shard-1 is back and has reported since
+        while True:
+            stats = await admin.ok("stats", "--interval", "0")
+            rows = {row["process"]: row for row in stats["processes"]}
+            if (rows["shard-0"]["flood_closes"] >= 1 and rows["shard-1"]["restarts"] >= 1
+                    and rows["shard-1"]["connections"] != ""):
+                return rows
+            await asyncio.sleep(0.1)
+
+    rows = await asyncio.wait_for(reported(), 30 * UNIT)
+    assert sorted(rows) == ["api-0", "log-0", "shard-0", "shard-1"]
+    shard0, shard1, log_row = rows["shard-0"], rows["shard-1"], rows["log-0"]
+    assert (shard0["flood_closes"], shard0["slow_closes"], shard0["restarts"]) == (1, 0, 0)
+    # a restarted process counts from 0 again; the supervisor counts the restart
+    assert (shard1["flood_closes"], shard1["slow_closes"], shard1["restarts"]) == (0, 0, 1)
+    assert log_row["restarts"] == 0 and log_row["queue"] == 0
+    assert log_row["batch_p50"] == 1.0  # one message, one transaction
+    assert 0 < log_row["commit_ms_p50"] <= log_row["commit_ms_p99"]
+    for row in rows.values():
+        assert row["rss_mb"] > 0 and row["cpu_s"] >= 0
+    assert sum(row["cpu_s"] for row in rows.values()) > 0
+    header = (await admin.text("stats", "--interval", "0.1")).splitlines()[0].split()
+    for column in ("slow_closes", "flood_closes", "batch_p50", "commit_ms_p50",
+                   "commit_ms_p99", "cpu_s", "restarts"):
+        assert column in header
+
+
+def _cli(*args: str, env: dict[str, str] | None = None,
+         as_nobody: bool = False) -> subprocess.CompletedProcess[str]:
+    """``chatd ARGS`` with only the given ``CHATD_*`` environment (none of this
+    shell's); ``as_nobody``: as uid 65534 (see the permission test)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CHATD_")}
+    prefix: list[str] = []
+    if as_nobody:
+        setpriv = shutil.which("setpriv")
+        assert setpriv is not None
+        prefix = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups",
+                  "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]
+    return subprocess.run([*prefix, sys.executable, "-m", "chatd", *args],
+                          capture_output=True, text=True, timeout=60 * UNIT,
+                          env={**clean, **(env or {})}, check=False)
+
+
+def _shard_indexes(done: subprocess.CompletedProcess[str]) -> list[int]:
+    assert done.returncode == 0, done.stderr
+    return [row["index"] for row in json.loads(done.stdout)]
+
+
+async def test_the_admin_socket_is_mode_0600_in_a_0700_folder(admin: Admin) -> None:
+    run = admin.data / "run"
+    mode = os.stat(run / "admin.sock").st_mode
+    assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
+    assert stat.S_IMODE(os.stat(run).st_mode) == 0o700
+
+
+async def test_another_user_is_refused_by_the_sockets_mode(admin: Admin) -> None:
+    """The CLI as uid 65534, given CAP_DAC_READ_SEARCH so that it can reach the
+    interpreter and enter the 0700 folders (and nothing else: connecting to a
+    socket needs write permission, which that capability does not grant): only
+    the socket's mode 0600 stands between it and the node. Needs root and
+    setpriv (util-linux), as the fault tests need root: it fails, never skips."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.fail("this test runs the CLI as another user: it needs root and setpriv")
+    sock = (admin.data / "run" / "admin.sock").resolve()
+    args = ("admin", "shards", "list", "--data-dir", str(admin.data))
+    refused = _cli(*args, as_nobody=True)
+    assert refused.returncode == 1
+    assert refused.stderr.startswith(f"chatd: no permission to use {sock} ")
+    assert refused.stderr.count("\n") == 1
+    assert _shard_indexes(_cli(*args, "--json")) == [0, 1]  # the owner is let in
+
+
+def test_a_socket_left_by_a_dead_node_is_one_clear_error(tmp_path: Path) -> None:
+    run = tmp_path / "data" / "run"
+    run.mkdir(parents=True, mode=0o700)
+    with socket.socket(socket.AF_UNIX) as left:
+        left.bind(str(run / "admin.sock"))  # the file stays; nothing listens on it
+    done = run_cli("admin", "shards", "list", data_dir=tmp_path / "data", check=False)
+    assert done.returncode == 1
+    assert done.stderr == f"chatd: the node at {(run / 'admin.sock').resolve()} is not running\n"
+
+
+async def test_the_cli_finds_the_node_from_its_config_file_and_environment(
+        admin: Admin, tmp_path: Path) -> None:
+    loop = asyncio.get_running_loop()
+
+    async def cli(*args: str, env: dict[str, str] | None = None) -> list[int]:
+        return _shard_indexes(await loop.run_in_executor(
+            None, lambda: _cli("admin", "shards", "list", "--json", *args, env=env)))
+
+    assert await cli(env={"CHATD_DATA_DIR": str(admin.data)}) == [0, 1]
+    conf = tmp_path / "chatd.toml"
+    conf.write_text(f"data_dir = {json.dumps(str(admin.data))}\n")
+    assert await cli("--config", str(conf)) == [0, 1]
+    assert await cli(env={"CHATD_CONFIG": str(conf)}) == [0, 1]
+
+
+async def test_a_node_with_its_own_run_dir_is_found_from_it(
+        tmp_path: Path, server_procs: list[ServerProcess]) -> None:
+    data, run = tmp_path / "data", tmp_path / "sockets"
+    server = ServerProcess(data, "--shards", "1", env={"CHATD_RUN_DIR": str(run)})
+    server_procs.append(server)
+    await server.started()
+    assert stat.S_IMODE(os.stat(run / "admin.sock").st_mode) == 0o600
+    loop = asyncio.get_running_loop()
+
+    def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return _cli("admin", "shards", "list", "--json", *args, env=env)
+
+    # the data folder alone points at DATA_DIR/run, where this node is not
+    missed = await loop.run_in_executor(None, lambda: cli("--data-dir", str(data)))
+    assert missed.returncode == 1 and "no node is running here" in missed.stderr
+    env = {"CHATD_DATA_DIR": str(data), "CHATD_RUN_DIR": str(run)}
+    assert _shard_indexes(await loop.run_in_executor(None, lambda: cli(env=env))) == [0]
+    conf = tmp_path / "chatd.toml"
+    conf.write_text(f"data_dir = {json.dumps(str(data))}\nrun_dir = {json.dumps(str(run))}\n")
+    found = await loop.run_in_executor(None, lambda: cli("--config", str(conf)))
+    assert _shard_indexes(found) == [0]

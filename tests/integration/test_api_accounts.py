@@ -1,4 +1,4 @@
-"""HTTP API: register, login, find, refresh, revoke, the envelope and the
+"""HTTP API: register, login, find, refresh, revoke, a ban, the envelope and the
 OpenAPI document, through real HTTP with the seed front-end's request shapes."""
 
 from __future__ import annotations
@@ -146,6 +146,26 @@ async def test_refresh_and_revoke(api: Api) -> None:
     again = await api.ok("/user/login", data={"mobile": user["mobile"], "passwd": "secret1"})
     assert again["token"] != old
     await api.ok("/user/refresh", token=again["token"])
+
+
+async def test_a_banned_user_is_refused_until_unbanned(api: Api) -> None:
+    user = await api.register()
+    uid, token = user["id"], user["token"]
+    login = {"mobile": user["mobile"], "passwd": "secret1"}
+    assert (await api.ok("/user/find", data={"id": uid}, token=token))["id"] == uid
+    assert await api.node.log.set_banned(uid, True) is True  # as `chatd admin user ban`
+    banned = (403, {"code": -1, "msg": "this user is banned", "data": None})
+    assert await api.call("/user/find", data={"id": uid}, token=token) == banned
+    # the seed's userid + token fields, and a fresh token from refresh: the same
+    assert await api.call("/user/find", data={"id": uid, "userid": uid, "token": token}) == banned
+    assert await api.call("/user/refresh", token=token) == banned
+    assert await api.call("/user/login", data=login) == banned
+    # a wrong password is told nothing about the ban
+    wrong = await api.call("/user/login", data={**login, "passwd": "guess123"})
+    assert wrong[0] == 401 and wrong[1]["msg"] != banned[1]["msg"]
+    assert await api.node.log.set_banned(uid, False) is True
+    assert (await api.ok("/user/find", data={"id": uid}, token=token))["id"] == uid
+    assert (await api.ok("/user/login", data=login))["id"] == uid
 
 
 async def test_healthz(api: Api) -> None:

@@ -146,6 +146,7 @@ async def test_queued_messages_go_out_in_order_and_arrive_once(api: Api,
     assert [(m.id, m.content, m.userid) for m in got] == [
         (ids[i], f"m{i}", a.id) for i in range(20)]
     assert bob.last == ids[-1]
+    assert (alice.connections, bob.connections) == (1, 1)
     # a group, both ways
     group = await alice.create_group("g")
     await bob.join_group(group.id)
@@ -261,6 +262,7 @@ async def test_messages_sent_while_the_server_restarts_arrive_once_in_order(
         await bob.connect()
         await alice.send_text(b.id, "before")
         assert [m.content for m in await until(bob, "before")] == ["before"]
+        assert (alice.connections, bob.connections) == (1, 1)
 
         server.signal(signal.SIGTERM)
         assert await server.wait() == 0
@@ -278,6 +280,7 @@ async def test_messages_sent_while_the_server_restarts_arrive_once_in_order(
         assert [(m.id, m.content) for m in got] == [(ids[i], f"q{i}") for i in range(10)]
         page = await bob.history(dstid=a.id)
         assert [m.content for m in page.rows] == ["before"] + [f"q{i}" for i in range(10)]
+        assert alice.connections >= 2 and bob.connections >= 2  # they came back
     finally:
         await alice.close()
         await bob.close()

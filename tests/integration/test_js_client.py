@@ -13,6 +13,7 @@ import asyncio
 import os
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -22,10 +23,18 @@ ROOT = Path(__file__).resolve().parents[2]
 JS_TESTS = ROOT / "tests" / "js"
 
 
+MIN_NODE_MAJOR = 20  # node's WebSocket (--experimental-websocket) and its mock timers
+
+
 def _node() -> str:
     node = shutil.which("node")
     if node is None:
         pytest.fail("node is not installed: the JavaScript client's tests need node >= 20")
+    version = subprocess.run([node, "--version"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+    major = re.match(r"v(\d+)\.", version)
+    if major is None or int(major[1]) < MIN_NODE_MAJOR:
+        pytest.fail(f"node {version} is too old: the JavaScript client's tests need node >= 20")
     return node
 
 

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import UNIT, Client, ServerProcess, connect, run_cli
+from conftest import (
+    UNIT,
+    Client,
+    ServerProcess,
+    close_clients,
+    connect,
+    free_port_range,
+    run_cli,
+    send_acked,
+)
 from picows import WSError
 
 
@@ -129,5 +139,80 @@ async def test_sighup_rereads_the_config_and_keeps_serving(tmp_path: Path) -> No
         client.tr.disconnect()
         server.signal(signal.SIGTERM)
         assert await server.wait() == 0
+    finally:
+        server.kill()
+
+
+async def _until_all_logged(server: ServerProcess, needles: list[str],
+                            timeout: float = 30.0) -> list[str]:
+    """Read the server's output until each of ``needles`` is in a line; those lines."""
+    loop = asyncio.get_running_loop()
+
+    def read() -> list[str]:
+        assert server.proc.stdout is not None
+        found: dict[str, str] = {}
+        for line in server.proc.stdout:
+            server.lines.append(line)
+            found.update((n, line) for n in needles if n in line and n not in found)
+            if len(found) == len(needles):
+                return [found[n] for n in needles]
+        raise AssertionError(f"{needles} not all logged:\n" + "".join(server.lines))
+
+    return await asyncio.wait_for(loop.run_in_executor(None, read), timeout * UNIT)
+
+
+async def _reach(url: str) -> Client:
+    """A connection to ``url``, trying again while nothing listens there yet."""
+    while True:
+        try:
+            return await connect(url)
+        except (OSError, WSError):  # refused until the restarted shard listens
+            await asyncio.sleep(0.05)
+
+
+@pytest.mark.slow
+async def test_every_death_is_seen_with_more_children_than_executor_threads(
+        tmp_path: Path) -> None:
+    """Each child's watcher is the loop's reader on its sentinel, not a thread:
+    with more children than the default executor has threads, a watcher that
+    pinned a thread in ``proc.join`` would never start for the last children
+    (the highest shard, the API worker). The highest shard is killed first, on
+    its own (a death among the first children would free a thread for it), then
+    another one; each is restarted and serves on its own port again."""
+    threads = min(32, (os.cpu_count() or 1) + 4)  # ThreadPoolExecutor's default
+    shards = threads  # + the log + the API worker: two children more than threads
+    base = free_port_range(shards)
+    data = tmp_path / "data"
+    uid, token = _new_user(data, "300")
+    server = ServerProcess(data, "--shards", str(shards),
+                           env={"CHATD_SHARD_BASE_PORT": str(base)})
+    loop = asyncio.get_running_loop()
+    try:
+        await server.started(timeout=60)
+        assert len(_children(server)) == shards + 2 > threads
+        rows = await loop.run_in_executor(None, server.admin, "shards", "list")
+        assert [r["index"] for r in rows] == list(range(shards))
+        assert all(r["ready"] for r in rows)
+        pids = {r["index"]: r["pid"] for r in rows}
+
+        for victim in (shards - 1, 1):
+            psutil.Process(pids[victim]).kill()
+            _, started = await _until_all_logged(
+                server, [f"shard-{victim} exited with status -9", f"started shard-{victim} (pid"])
+            new_pid = int(re.search(r"\(pid (\d+)\)", started).group(1))  # type: ignore[union-attr]
+            assert new_pid != pids[victim]
+            # a round trip through the restarted shard and the log
+            client = await asyncio.wait_for(
+                _reach(f"ws://127.0.0.1:{base + victim}/chat?id={uid}&token={token}"), 20 * UNIT)
+            await send_acked(client, uid, 1, prefix=f"s{victim}-")
+            await close_clients(client)
+            rows = await loop.run_in_executor(None, server.admin, "shards", "list")
+            [row] = [r for r in rows if r["index"] == victim]
+            assert (row["pid"], row["ready"], row["restarts"]) == (new_pid, True, 1), row
+            assert {r["index"]: r["pid"] for r in rows} == {**pids, victim: new_pid}
+            pids[victim] = new_pid
+
+        server.signal(signal.SIGTERM)
+        assert await server.wait(30) == 0
     finally:
         server.kill()

@@ -125,3 +125,42 @@ def test_handshake_limits_and_the_echo_path_from_the_environment() -> None:
                     "CHATD_MAX_HANDSHAKE_BYTES": "4096", "CHATD_ECHO_PATH": "/echo"})
     assert (cfg.max_conns_per_ip, cfg.handshake_timeout_s, cfg.max_handshake_bytes,
             cfg.echo_path) == (0, 2.5, 4096, "/echo")
+
+
+# Settings with a fixed set of values are Literal types: msgspec.convert checks
+# them like every other value, in any case, from every source.
+CHOICES = [
+    ("log_level", "must be debug, info, warning or error"),
+    ("log_process", "must be auto, own or shard"),
+    ("db_synchronous", "must be NORMAL or FULL"),
+]
+
+
+@pytest.mark.parametrize("key,message", CHOICES)
+@pytest.mark.parametrize("bad", ["loud", "", "info level"])
+def test_a_value_outside_a_settings_choices_is_refused_everywhere(
+    tmp_path: Path, key: str, message: str, bad: str
+) -> None:
+    expected = f"^{key}: {message}$"
+    with pytest.raises(ConfigError, match=expected):
+        load(toml(tmp_path, f'{key} = "{bad}"\n'), env={})
+    with pytest.raises(ConfigError, match=expected):
+        load(env={f"CHATD_{key.upper()}": bad})
+    with pytest.raises(ConfigError, match=expected):
+        load(env={}, flags={key: bad})
+
+
+@pytest.mark.parametrize("key,message", CHOICES)
+def test_a_choice_setting_of_the_wrong_type_in_toml_is_refused(
+    tmp_path: Path, key: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=f"^{key}: {message}$"):
+        load(toml(tmp_path, f"{key} = 3\n"), env={})
+
+
+def test_choice_settings_take_any_case_and_keep_their_own(tmp_path: Path) -> None:
+    cfg = load(toml(tmp_path, 'log_level = "WARNING"\ndb_synchronous = "full"\n'),
+               env={"CHATD_LOG_PROCESS": " Own "})
+    assert (cfg.log_level, cfg.db_synchronous, cfg.log_process) == ("warning", "FULL", "own")
+    cfg = load(env={}, flags={"log_level": "Debug", "db_synchronous": "Normal"})
+    assert (cfg.log_level, cfg.db_synchronous) == ("debug", "NORMAL")

@@ -27,8 +27,12 @@
  *    no frame at all meanwhile, is presumed dead: dropped and replaced.
  *  - Close codes 4500-4999 (revoked, banned) are final: no reconnect, every
  *    pending send rejects with a ClosedError, a "fatal" event says why.
- *  - Frames are JSON text (the server answers in kind). MessagePack would
- *    need a codec library here; JSON is what this client speaks.
+ *  - Frames are JSON text, or MessagePack binary with {encoding: "msgpack"}
+ *    (the codec is below: msgpackEncode/msgpackDecode). The server answers in
+ *    the encoding the client last used, so a msgpack client's first frame on
+ *    each connection is a heartbeat; what came before it (the start of the
+ *    replay) is JSON, and the client reads both kinds whatever it sends.
+ *    Ints past ±(2^53 - 1) decode as BigInt (see the MessagePack section).
  *
  * Events (CustomEvent, data in .detail): "state" {state, attempt, delayMs, code,
  * reason}, "message" {message}, "ack" {ack, message}, "synced" {id},
@@ -109,7 +113,11 @@ export function wsUrlFor(loc, chatPort, path = "/chat") {
   return `${scheme}//${loc.hostname}:${chatPort}${path}`;
 }
 
+/** The frame encodings a ChatClient speaks. */
+export const ENCODINGS = Object.freeze(["json", "msgpack"]);
+
 const DEFAULTS = Object.freeze({
+  encoding: "json",
   last: 0,
   heartbeatMs: 30_000,
   ackTimeoutMs: 10_000,
@@ -141,7 +149,8 @@ export class ChatClient extends EventTarget {
    * @param {string} options.url  the chat websocket, e.g. "ws://host:8080/chat"
    * @param {number} options.uid  the user's id
    * @param {string} options.token  the user's token (it rides in the URL: the protocol's form)
-   * @param {number} [options.last=0]  resume after this message id (the highest one the caller has)
+   * @param {number|bigint} [options.last=0]  resume after this message id (the highest one held)
+   * @param {"json"|"msgpack"} [options.encoding="json"]  JSON text or MessagePack binary frames
    * @param {number} [options.heartbeatMs=30000]
    * @param {number} [options.ackTimeoutMs=10000]
    * @param {number} [options.minBackoffMs=500]
@@ -155,12 +164,17 @@ export class ChatClient extends EventTarget {
     const o = { ...DEFAULTS, WebSocket: globalThis.WebSocket, random: Math.random, ...options };
     if (!o.url || !o.uid || !o.token) throw new TypeError("url, uid and token are required");
     if (typeof o.WebSocket !== "function") throw new TypeError("no WebSocket class here");
+    if (!ENCODINGS.includes(o.encoding)) {
+      throw new TypeError(`encoding must be one of ${ENCODINGS.join(", ")}`);
+    }
     this.#o = o;
-    this.#last = Number(o.last) || 0;
+    this.#last = typeof o.last === "bigint" ? o.last : Number(o.last) || 0;
   }
 
   /** One of STATE. */
   get state() { return this.#state; }
+  /** "json" or "msgpack": what this client writes. */
+  get encoding() { return this.#o.encoding; }
   /** The highest message id received: the resume point. */
   get last() { return this.#last; }
   /** Messages sent but not acked yet (queued or in flight). */
@@ -261,6 +275,7 @@ export class ChatClient extends EventTarget {
       return;
     }
     this.#ws = ws;
+    ws.binaryType = "arraybuffer"; // MessagePack frames decode from bytes, at once, in order
     ws.onopen = () => { if (serial === this.#serial) this.#opened(); };
     ws.onmessage = (ev) => { if (serial === this.#serial) this.#frame(ev.data); };
     ws.onclose = (ev) => { if (serial === this.#serial) this.#lost(serial, ev.code, ev.reason); };
@@ -270,6 +285,8 @@ export class ChatClient extends EventTarget {
   #opened() {
     this.#heardAt = Date.now();
     this.#setState(STATE.OPEN, { attempt: this.#attempt });
+    // the server answers in the encoding of the client's last frame: say it at once
+    if (this.#o.encoding === "msgpack") this.#write({ cmd: CMD.HEARTBEAT });
     for (const e of this.#outbox) this.#transmit(e);
     this.#armHeartbeat();
     const every = Math.max(50, this.#o.ackTimeoutMs / 4);
@@ -322,7 +339,7 @@ export class ChatClient extends EventTarget {
   }
 
   #write(obj) {
-    this.#ws.send(JSON.stringify(obj));
+    this.#ws.send(this.#o.encoding === "msgpack" ? msgpackEncode(obj) : JSON.stringify(obj));
     this.#armHeartbeat();
   }
 
@@ -349,14 +366,15 @@ export class ChatClient extends EventTarget {
 
   #frame(data) {
     this.#heardAt = Date.now();
-    if (typeof data !== "string") return; // this client speaks JSON; it sends no binary
     let f;
     try {
-      f = JSON.parse(data);
+      // text is JSON, binary is MessagePack, whatever this client writes (a
+      // replay starts before the server has seen the client's first frame)
+      f = typeof data === "string" ? JSON.parse(data) : msgpackDecode(data);
     } catch {
-      return;
+      return; // not a frame of chatd's; the server sends none such
     }
-    if (f === null || typeof f !== "object") return;
+    if (f === null || typeof f !== "object" || Array.isArray(f)) return;
     const cmd = f.cmd ?? 0;
     const id = f.id ?? 0;
     switch (cmd) {
@@ -425,7 +443,7 @@ export class ChatClient extends EventTarget {
   }
 
   #bump(id) {
-    if (typeof id === "number" && id > this.#last) this.#last = id;
+    if ((typeof id === "number" || typeof id === "bigint") && id > this.#last) this.#last = id;
   }
 
   #remember(id) {
@@ -444,4 +462,314 @@ export class ChatClient extends EventTarget {
   #emit(type, detail) {
     this.dispatchEvent(new CustomEvent(type, { detail }));
   }
+}
+
+// --- MessagePack ----------------------------------------------------------------------
+//
+// The subset of MessagePack (github.com/msgpack/msgpack/blob/master/spec.md) that a
+// chatd Message needs, both ways, so the library stays one module with no
+// dependencies. Encoded: null/undefined (nil), booleans, numbers, BigInts, strings
+// (utf-8), Uint8Array/ArrayBuffer (bin), arrays, and plain objects (maps with str
+// keys; a property whose value is undefined is left out, as JSON.stringify does).
+// Decoded: every nil, bool, int, float, str, bin, array and map form; ext types
+// (which chatd never sends) and anything malformed raise a MsgpackError.
+//
+// Integers: chatd's are int64. A Number that is an integer goes out in the
+// smallest int form that holds it; other Numbers as float64. A decoded int within
+// ±(2^53 − 1) (Number.MAX_SAFE_INTEGER) is a Number; one outside is a BigInt, so it
+// is never silently rounded. chatd's ids, user ids and timestamps stay far below
+// 2^53 in practice, so a client sees Numbers; pass a BigInt to send an int past it.
+
+/** A MessagePack value that cannot be encoded or bytes that are not one MessagePack value. */
+export class MsgpackError extends Error {
+  constructor(message) {
+    super(message);
+    this.name = "MsgpackError";
+  }
+}
+
+/** How deep arrays and maps may nest (a Message has none; bounds the recursion). */
+const MSGPACK_MAX_DEPTH = 64;
+const UINT64_LIMIT = 2n ** 64n;
+const INT64_MIN = -(2n ** 63n);
+const UTF8_ENCODER = new TextEncoder();
+const UTF8_DECODER = new TextDecoder("utf-8", { fatal: true });
+
+class MsgpackWriter {
+  #buf = new Uint8Array(128);
+  #view = new DataView(this.#buf.buffer);
+  #pos = 0;
+
+  bytes() { return this.#buf.slice(0, this.#pos); }
+
+  #room(n) {
+    if (this.#pos + n <= this.#buf.length) return;
+    let size = this.#buf.length * 2;
+    while (size < this.#pos + n) size *= 2;
+    const bigger = new Uint8Array(size);
+    bigger.set(this.#buf.subarray(0, this.#pos));
+    this.#buf = bigger;
+    this.#view = new DataView(bigger.buffer);
+  }
+
+  #u8(b) { this.#room(1); this.#buf[this.#pos++] = b; }
+
+  #head(type, n, size) { // a type byte, then n as a big-endian int of size bytes
+    this.#room(1 + size);
+    const at = this.#pos;
+    this.#buf[at] = type;
+    const v = this.#view;
+    if (type >= 0xd0 && type <= 0xd2) { // int8, int16, int32: signed
+      if (size === 1) v.setInt8(at + 1, n);
+      else if (size === 2) v.setInt16(at + 1, n);
+      else v.setInt32(at + 1, n);
+    } else if (size === 1) v.setUint8(at + 1, n);
+    else if (size === 2) v.setUint16(at + 1, n);
+    else v.setUint32(at + 1, n);
+    this.#pos = at + 1 + size;
+  }
+
+  #raw(bytes) {
+    this.#room(bytes.length);
+    this.#buf.set(bytes, this.#pos);
+    this.#pos += bytes.length;
+  }
+
+  #int(n) { // an integer Number in [-2^63, 2^64)
+    if (n >= 0) {
+      if (n < 0x80) this.#u8(n);
+      else if (n < 0x100) this.#head(0xcc, n, 1);
+      else if (n < 0x10000) this.#head(0xcd, n, 2);
+      else if (n < 0x100000000) this.#head(0xce, n, 4);
+      else this.#int64(BigInt(n));
+    } else if (n >= -32) this.#u8(n & 0xff);
+    else if (n >= -0x80) this.#head(0xd0, n, 1);
+    else if (n >= -0x8000) this.#head(0xd1, n, 2);
+    else if (n >= -0x80000000) this.#head(0xd2, n, 4);
+    else this.#int64(BigInt(n));
+  }
+
+  #big(b) { // a BigInt: the same forms as the Number of the same value
+    if (b >= -0x80000000n && b < 0x100000000n) this.#int(Number(b));
+    else this.#int64(b);
+  }
+
+  #int64(b) { // a BigInt past 32 bits: uint64 if positive, int64 if negative
+    if (b >= UINT64_LIMIT || b < INT64_MIN) {
+      throw new MsgpackError(`${b} is past MessagePack's ints (-2^63 to 2^64 - 1)`);
+    }
+    this.#room(9);
+    const at = this.#pos;
+    if (b >= 0n) {
+      this.#buf[at] = 0xcf;
+      this.#view.setBigUint64(at + 1, b);
+    } else {
+      this.#buf[at] = 0xd3;
+      this.#view.setBigInt64(at + 1, b);
+    }
+    this.#pos = at + 9;
+  }
+
+  #float(x) {
+    this.#room(9);
+    this.#buf[this.#pos] = 0xcb;
+    this.#view.setFloat64(this.#pos + 1, x);
+    this.#pos += 9;
+  }
+
+  #sized(n, fix, fixMax, t8, t16, t32) { // the header of a str, bin, array or map of n
+    if (fix !== null && n <= fixMax) this.#u8(fix | n);
+    else if (t8 !== null && n < 0x100) this.#head(t8, n, 1);
+    else if (n < 0x10000) this.#head(t16, n, 2);
+    else if (n <= 0xffffffff) this.#head(t32, n, 4);
+    else throw new MsgpackError(`${n} items or bytes is past MessagePack's 2^32 - 1`);
+  }
+
+  value(v, depth) {
+    switch (typeof v) {
+      case "undefined":
+        this.#u8(0xc0);
+        return;
+      case "boolean":
+        this.#u8(v ? 0xc3 : 0xc2);
+        return;
+      case "number":
+        if (Number.isInteger(v) && v >= -(2 ** 63) && v < 2 ** 64) this.#int(v);
+        else this.#float(v);
+        return;
+      case "bigint":
+        this.#big(v);
+        return;
+      case "string": {
+        const bytes = UTF8_ENCODER.encode(v);
+        this.#sized(bytes.length, 0xa0, 31, 0xd9, 0xda, 0xdb);
+        this.#raw(bytes);
+        return;
+      }
+      case "object":
+        break;
+      default:
+        throw new MsgpackError(`a ${typeof v} has no MessagePack form`);
+    }
+    if (v === null) {
+      this.#u8(0xc0);
+      return;
+    }
+    if (depth >= MSGPACK_MAX_DEPTH) throw new MsgpackError("nested too deep (or a cycle)");
+    if (v instanceof ArrayBuffer || ArrayBuffer.isView(v)) {
+      const bytes = v instanceof ArrayBuffer ? new Uint8Array(v)
+        : new Uint8Array(v.buffer, v.byteOffset, v.byteLength);
+      this.#sized(bytes.length, null, 0, 0xc4, 0xc5, 0xc6);
+      this.#raw(bytes);
+    } else if (Array.isArray(v)) {
+      this.#sized(v.length, 0x90, 15, null, 0xdc, 0xdd);
+      for (const item of v) this.value(item, depth + 1);
+    } else {
+      const keys = Object.keys(v).filter((k) => v[k] !== undefined);
+      this.#sized(keys.length, 0x80, 15, null, 0xde, 0xdf);
+      for (const k of keys) {
+        this.value(k, depth + 1);
+        this.value(v[k], depth + 1);
+      }
+    }
+  }
+}
+
+class MsgpackReader {
+  #bytes;
+  #view;
+  #pos = 0;
+
+  constructor(bytes) {
+    this.#bytes = bytes;
+    this.#view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  }
+
+  get done() { return this.#pos === this.#bytes.length; }
+
+  #take(n) { // the offset of the next n bytes, which must be there
+    const at = this.#pos;
+    if (at + n > this.#bytes.length) throw new MsgpackError(`truncated at byte ${at}`);
+    this.#pos = at + n;
+    return at;
+  }
+
+  #u8() { return this.#view.getUint8(this.#take(1)); }
+  #u16() { return this.#view.getUint16(this.#take(2)); }
+  #u32() { return this.#view.getUint32(this.#take(4)); }
+
+  #str(n) {
+    const at = this.#take(n);
+    try {
+      return UTF8_DECODER.decode(this.#bytes.subarray(at, at + n));
+    } catch {
+      throw new MsgpackError(`invalid utf-8 in the str at byte ${at}`);
+    }
+  }
+
+  #bin(n) {
+    const at = this.#take(n);
+    return this.#bytes.slice(at, at + n);
+  }
+
+  #count(n, minBytesEach) { // a length that the bytes left can hold at all
+    if (n * minBytesEach > this.#bytes.length - this.#pos) {
+      throw new MsgpackError(`truncated: ${n} items cannot fit in what is left`);
+    }
+    return n;
+  }
+
+  #array(n, depth) {
+    this.#count(n, 1);
+    const out = [];
+    for (let i = 0; i < n; i += 1) out.push(this.value(depth + 1));
+    return out;
+  }
+
+  #map(n, depth) {
+    this.#count(n, 2);
+    const out = {};
+    for (let i = 0; i < n; i += 1) {
+      const key = this.value(depth + 1);
+      if (typeof key !== "string") throw new MsgpackError("a map key is not a str");
+      const val = this.value(depth + 1);
+      // "__proto__" as an own property, not the object's prototype (as JSON.parse does)
+      if (key === "__proto__") {
+        Object.defineProperty(out, key, { value: val, enumerable: true, writable: true,
+          configurable: true });
+      } else {
+        out[key] = val;
+      }
+    }
+    return out;
+  }
+
+  static #safe(b) { // an int64/uint64 BigInt as a Number when that is exact
+    return b >= BigInt(Number.MIN_SAFE_INTEGER) && b <= BigInt(Number.MAX_SAFE_INTEGER)
+      ? Number(b) : b;
+  }
+
+  value(depth) {
+    if (depth > MSGPACK_MAX_DEPTH) throw new MsgpackError("nested too deep");
+    const at = this.#pos;
+    const t = this.#u8();
+    if (t < 0x80) return t;
+    if (t >= 0xe0) return t - 0x100;
+    if (t < 0x90) return this.#map(t & 0x0f, depth);
+    if (t < 0xa0) return this.#array(t & 0x0f, depth);
+    if (t < 0xc0) return this.#str(t & 0x1f);
+    const v = this.#view;
+    switch (t) {
+      case 0xc0: return null;
+      case 0xc2: return false;
+      case 0xc3: return true;
+      case 0xc4: return this.#bin(this.#u8());
+      case 0xc5: return this.#bin(this.#u16());
+      case 0xc6: return this.#bin(this.#u32());
+      case 0xca: return v.getFloat32(this.#take(4));
+      case 0xcb: return v.getFloat64(this.#take(8));
+      case 0xcc: return this.#u8();
+      case 0xcd: return this.#u16();
+      case 0xce: return this.#u32();
+      case 0xcf: return MsgpackReader.#safe(v.getBigUint64(this.#take(8)));
+      case 0xd0: return v.getInt8(this.#take(1));
+      case 0xd1: return v.getInt16(this.#take(2));
+      case 0xd2: return v.getInt32(this.#take(4));
+      case 0xd3: return MsgpackReader.#safe(v.getBigInt64(this.#take(8)));
+      case 0xd9: return this.#str(this.#u8());
+      case 0xda: return this.#str(this.#u16());
+      case 0xdb: return this.#str(this.#u32());
+      case 0xdc: return this.#array(this.#u16(), depth);
+      case 0xdd: return this.#array(this.#u32(), depth);
+      case 0xde: return this.#map(this.#u16(), depth);
+      case 0xdf: return this.#map(this.#u32(), depth);
+      default: // 0xc1 (never used), 0xc7-0xc9 and 0xd4-0xd8 (ext)
+        throw new MsgpackError(`type byte 0x${t.toString(16)} at byte ${at} is not supported`);
+    }
+  }
+}
+
+/** `value` as MessagePack bytes (a Uint8Array); throws a MsgpackError if it has no form. */
+export function msgpackEncode(value) {
+  const w = new MsgpackWriter();
+  w.value(value, 0);
+  return w.bytes();
+}
+
+/**
+ * The one MessagePack value in `data` (a Uint8Array, another ArrayBuffer view, or an
+ * ArrayBuffer); throws a MsgpackError if the bytes are not exactly one value.
+ */
+export function msgpackDecode(data) {
+  let bytes;
+  if (data instanceof Uint8Array) bytes = data;
+  else if (data instanceof ArrayBuffer) bytes = new Uint8Array(data);
+  else if (ArrayBuffer.isView(data)) {
+    bytes = new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+  }
+  else throw new TypeError("msgpackDecode takes bytes (a Uint8Array or an ArrayBuffer)");
+  const r = new MsgpackReader(bytes);
+  const value = r.value(0);
+  if (!r.done) throw new MsgpackError("bytes left over after the value");
+  return value;
 }
