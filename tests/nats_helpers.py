@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,29 +16,9 @@ import urllib.request
 from pathlib import Path
 
 from conftest import UNIT
+from net_helpers import free_port
 
 NATS_SERVER = Path(sys.executable).parent / "nats-server"
-
-
-#: ports for the test servers: below the kernel's ephemeral range (32768-60999
-#: here), so that no outgoing connection of another server takes one meanwhile
-_PORTS = range(20_000, 32_000)
-_GIVEN: set[int] = set()
-
-
-def free_port() -> int:
-    """A loopback port that nothing holds now, outside the ephemeral range."""
-    while True:
-        port = random.choice(_PORTS)
-        if port in _GIVEN:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            _GIVEN.add(port)
-            return port
 
 
 class NatsServer:
@@ -141,7 +119,8 @@ class NatsCluster:
         running = [s for s in self.servers if s.proc is not None and s.proc.poll() is None]
         if len(running) != len([s for s in self.servers if s.proc is not None]):
             dead = [s.index for s in self.servers if s.proc is not None and s not in running]
-            raise RuntimeError(f"NATS servers {dead} exited (see their logs in {s.folder})")
+            folder = self.servers[0].folder
+            raise RuntimeError(f"NATS servers {dead} exited (see their logs in {folder})")
         want = len(running) - 1
         deadline = time.monotonic() + timeout * UNIT
         while True:

@@ -197,7 +197,7 @@ async def test_a_publish_while_the_link_is_down_is_dropped_and_counted(
 
 
 async def test_no_server_is_unavailable_at_start(tmp_path: Path) -> None:
-    from nats_helpers import free_port
+    from net_helpers import free_port
 
     bus = make_bus([f"nats://127.0.0.1:{free_port()}"], "x", Ear())
     with pytest.raises(StoreUnavailable, match="cannot reach NATS"):
