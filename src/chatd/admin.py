@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Final
 from chatd.bus.unix import UnixControl
 from chatd.errors import ChatdError, NotFoundError, StoreError
 from chatd.store import Store, UserRecord, open_configured
-from chatd.wire import CLOSE_KICKED, MAX_CONTENT_CHARS
+from chatd.wire import CLOSE_KICKED, CLOSE_SERVICE_RESTART, MAX_CONTENT_CHARS
 
 if TYPE_CHECKING:
     from chatd.supervisor import Supervisor
@@ -120,6 +120,10 @@ class AdminServer:
                     f"no shard {index} to drain (or it is the last one, or it runs the log)"
                 )
             return {"drained": int(index), "shards": [c.index for c in sup.shards()]}
+        if cmd == "node_drain":
+            sup.leave()
+            return {"node": sup.cfg.node_name, "draining": True,
+                    "close_code": CLOSE_SERVICE_RESTART}
         if cmd == "online":
             uid = int(request["uid"])
             await self._known_user(uid)

@@ -40,6 +40,11 @@ def add_parsers(sub: Any, config_flags: Flags) -> None:
         "n", type=int)
     flags(shard_acts.add_parser("drain", help="retire shard K: its clients move (1012)")
           ).add_argument("index", type=int)
+    node = acts.add_parser("node", help="this node in its cluster")
+    node_acts = node.add_subparsers(dest="node_action", required=True)
+    flags(node_acts.add_parser(
+        "drain", help="leave the cluster: every client gets 1012 and moves to another node; "
+                      "the node exits 0"))
     flags(acts.add_parser("online", help="where a user is connected, since when")).add_argument(
         "uid", type=int)
     kick = flags(acts.add_parser("kick", help="close a user's connections"))
@@ -85,6 +90,8 @@ def run_admin(cfg: Config, args: argparse.Namespace) -> int:
             else {"cmd": "scale", "n": args.n} if sub == "scale"
             else {"cmd": "drain", "index": args.index}
         )
+    elif action == "node":
+        request = {"cmd": "node_drain"}
     elif action == "online":
         request = {"cmd": "online", "uid": args.uid}
     elif action == "kick":

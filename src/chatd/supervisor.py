@@ -445,9 +445,19 @@ class Supervisor:
         else:
             log.info("reload: configuration valid")
 
+    def leave(self) -> None:
+        """``chatd admin node drain``: stop as on SIGTERM, but tell the clients
+        to reconnect elsewhere (1012): in a cluster another node takes them."""
+        log.warning("node drain: every client gets 1012; the node stops")
+        self._leaving = True
+        self._stop.set()
+
+    _leaving = False
+
     async def _drain(self) -> None:
         """Drain the shards, then the API worker, then the log; kill what
-        outlives the bound."""
+        outlives the bound. The shards close their clients with 1001 (1012
+        when the node leaves its cluster)."""
         self.draining = True
         self._stop.set()
         deadline = asyncio.get_running_loop().time() + self._child_cfg.drain_timeout_s + 5
@@ -461,7 +471,8 @@ class Supervisor:
         for group in groups:
             for child in group:
                 if child.link is not None:
-                    child.link.send("drain")
+                    leaving = self._leaving and child.role == SHARD
+                    child.link.send("retire" if leaving else "drain")
             for child in group:
                 if child.proc is None:
                     continue
@@ -525,9 +536,11 @@ class Supervisor:
             conns = sum(int(c.status.get("connections", 0)) for c in shards)
             messages = sum(int(c.status.get("committed", 0)) for c in self.children)
             log_up = all(bool(c.status.get("log_up", True)) for c in shards)
+            store_ok = all(bool(c.status.get("store_ok", True)) for c in self.children)
             notify(
                 f"STATUS={conns} connections on {len(self.shards())} shards, {messages} messages"
                 + ("" if log_up else ", log unreachable")
+                + ("" if store_ok else ", store unreachable: not ready")
                 + ("\nWATCHDOG=1" if watchdog else "")
             )
             await asyncio.sleep(period)

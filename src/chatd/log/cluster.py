@@ -391,7 +391,12 @@ class ClusterLog(Log):
     async def _look_at_head(self) -> None:
         """Read what the store has above the release point that nobody announced:
         at once after NATS was away, else when it is still missing one poll later."""
-        head = await self.store.head()
+        try:
+            head = await self.store.head()
+        except StoreError:
+            self.store_ok = False
+            raise
+        self.store_ok = True
         w = self.chain.w
         if head <= w:
             self._head_seen = None

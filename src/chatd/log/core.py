@@ -117,6 +117,8 @@ class Log:
         #: token versions of users who ever revoked, and banned users (for Welcome)
         self._versions: dict[int, int] = {}
         self._banned: set[int] = set()
+        #: whether the store answered the last time the log asked it something
+        self.store_ok = True
         # figures
         self.batches = 0
         self.committed = 0
@@ -388,6 +390,7 @@ class Log:
         try:
             outcomes = await self.store.append(msgs)
         except StoreUnavailable as exc:
+            self.store_ok = False
             log.error("a batch of %d was not stored: %s", n, exc)
             for port_id, seq, _ in batch:
                 self._emit(port_id, Refused(seq, ERR_BUSY, "store unavailable, retry"))
@@ -399,6 +402,7 @@ class Log:
                 self._emit(port_id, Refused(seq, ERR_SERVER, "message not stored, retry"))
             self._flush()
             return
+        self.store_ok = True
         self._count_commit(n, time.perf_counter() - started)
         self._committed(batch, outcomes)
 
@@ -497,6 +501,7 @@ class Log:
             "hw": self.hw,
             "ports": len(self._ports),
             "online_users": len(self.presence.users),
+            "store_ok": self.store_ok,
             "commit_seconds": self.commit_s.figures(),
             "batch_size": self.batch_size.figures(),
         }
