@@ -32,6 +32,13 @@ STORED: Final = 0  # a new row: deliver it
 DUPLICATE: Final = 1  # the same (userid, cid) was stored before: ack again, do not deliver
 NO_RECEIVER: Final = 2  # a private message to a user that does not exist
 
+#: kinds of ``Event`` (a routing change recorded in the chain of a ``ChainStore``)
+EVENT_JOIN: Final = 1  # uid joined group gid (also the owner of a new group)
+EVENT_LEAVE: Final = 2  # uid left group gid
+EVENT_REVOKE: Final = 3  # uid's tokens up to ``version`` - 1 are void (version: the new one)
+EVENT_BAN: Final = 4  # uid is banned
+EVENT_UNBAN: Final = 5  # uid is no longer banned
+
 #: the sender of system messages (``chatd admin broadcast``): no user row has it
 SYSTEM_USER: Final = 0
 #: the ``dstid`` of a private system message to every user (sync returns it to all)
@@ -63,6 +70,23 @@ class GroupRecord(msgspec.Struct, frozen=True):
     cate: int
     memo: str
     created_ms: int
+
+
+class Event(msgspec.Struct, frozen=True, array_like=True):
+    """A routing change at its place in a ``ChainStore``'s chain.
+
+    ``id`` is a position in the same id space as messages: a member who
+    joined at event ``id`` sees the group's messages with a higher id, and a
+    leave, revocation or ban stops delivery from its position on. ``gid`` is
+    set for joins and leaves, ``version`` (the new token version) for
+    revocations.
+    """
+
+    id: int
+    kind: int
+    uid: int
+    gid: int = 0
+    version: int = 0
 
 
 class Store(Protocol):
@@ -116,6 +140,40 @@ class Store(Protocol):
     async def group_history(
         self, gid: int, after: int, before: int, limit: int, newest: bool
     ) -> list[Message]: ...
+
+
+class ChainStore(Store, Protocol):
+    """A store shared by many nodes, whose ids are one chain in commit order.
+
+    Every chain write (a batch of ``append`` or one routing change) is one
+    transaction that takes the chain's lock first and allocates positions
+    from the head, so positions are the commit order: a reader that saw the
+    head at n never later finds a new id <= n (docs/design.md, invariant 2).
+    A batch of k messages takes exactly k positions, whether each is stored
+    or not (a duplicate or refused message leaves a gap, which is harmless);
+    a routing change that changed something takes one, for its ``Event``.
+
+    ``last_span`` and ``last_event`` describe this store's latest chain
+    write; read them right after the call returns, before awaiting anything
+    else (another caller's write replaces them).
+    """
+
+    #: (prev, last) of the latest chain write: the head just before it and
+    #: its last position (prev == last for an empty batch); None after a
+    #: routing change that changed nothing (it took no position)
+    last_span: tuple[int, int] | None
+    #: the event the latest routing change recorded; None when it changed
+    #: nothing (e.g. joining a group twice) and after ``append``
+    last_event: Event | None
+
+    async def head(self) -> int:
+        """The highest chain position committed (every lower one is committed too)."""
+        ...
+
+    async def chain_range(self, after: int, upto: int, limit: int) -> list[Message | Event]:
+        """The committed messages and events with ``after`` < id <= ``upto``, in id
+        order, at most ``limit``: what a node missed, read from the store."""
+        ...
 
 
 async def open_store(
