@@ -185,6 +185,9 @@ async def test_too_many_connections_is_unavailable(pg_server: PgServer, pg_dsn: 
         (asyncpg.exceptions.UniqueViolationError, StoreError),
         (asyncpg.exceptions.UndefinedTableError, StoreError),
         (asyncpg.exceptions.NoDataFoundError, NotFoundError),
+        (asyncpg.exceptions.DataError, StoreError),
+        (asyncpg.InterfaceError, StoreUnavailable),  # e.g. "connection is closed"
+        (asyncpg.exceptions.ClientConfigurationError, StoreError),
     ],
 )
 def test_which_errors_mean_retry(error: type[Exception], expected: type[StoreError]) -> None:
@@ -528,7 +531,7 @@ async def test_a_batch_in_flight_when_the_server_dies(
         if ok:
             acked += len(batch)
             for m in batch:
-                assert present[(m.userid, m.cid)] == m  # acked: never lost
+                assert present.get((m.userid, m.cid)) == m, f"acked, then lost: {m}"
     landed = 0
     for batch in failed:
         there = [(m.userid, m.cid) in present for m in batch]

@@ -400,8 +400,8 @@ def _translate(exc: BaseException) -> StoreError | None:
         return StoreError(f"{type(exc).__name__}: {exc}")
     if isinstance(exc, asyncpg.InterfaceError):
         # "connection is closed", "pool is closing": retry (a reopened store will
-        # answer); a value the driver cannot encode is a plain error
-        if isinstance(exc, asyncpg.exceptions.DataError):
+        # answer); a bad value or setting (the driver's ValueErrors) is a plain error
+        if isinstance(exc, ValueError):
             return StoreError(str(exc))
         return StoreUnavailable(f"{type(exc).__name__}: {exc}")
     if isinstance(exc, asyncpg.exceptions.InternalClientError):
