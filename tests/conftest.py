@@ -453,3 +453,31 @@ async def close_clients(*clients: Client) -> None:
             c.tr.disconnect()
     for c in clients:
         await c.wait_closed()
+
+
+# --- PostgreSQL: a throwaway cluster per test session (tests/pg_helpers.py) -------------
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Any:
+    """A PostgreSQL cluster on a free loopback port, started once per session and
+    deleted at its end. Fails (never skips) where PostgreSQL is not installed."""
+    from pg_helpers import PgMissing, PgServer
+
+    try:
+        server = PgServer.create()
+    except PgMissing as exc:
+        pytest.fail(str(exc), pytrace=False)
+    yield server
+    server.destroy()
+
+
+@pytest.fixture
+def pg_dsn(pg_server: Any) -> Any:
+    """The DSN of a fresh, empty database, dropped after the test (a fault test
+    that left the server stopped gets it started again first)."""
+    pg_server.ensure_running()
+    name = pg_server.create_database()
+    yield pg_server.dsn(name)
+    pg_server.ensure_running()
+    pg_server.drop_database(name)

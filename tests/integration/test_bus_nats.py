@@ -14,7 +14,7 @@ from nats_helpers import NatsCluster
 
 from chatd.bus.nats import Header, NodeBus, group_subject, user_subject
 from chatd.errors import StoreUnavailable
-from chatd.store import EV_JOIN, Event
+from chatd.store import EVENT_JOIN, Event
 from chatd.wire import Message
 
 
@@ -131,7 +131,7 @@ async def test_routing_changes_and_broadcasts_ride_in_the_header(
     try:
         await nats_cluster.interest(0, "chatd.h")  # b's header subscription crossed
         everyone = Message(id=4, userid=0, cmd=10, dstid=0, content="hello all")
-        bus_a.publish(Header("a", 2, 3, events=[Event(3, EV_JOIN, 7, 8)]), {})
+        bus_a.publish(Header("a", 2, 3, events=[Event(3, EVENT_JOIN, 7, 8)]), {})
         bus_a.publish(Header("a", 3, 4, everyone=[everyone]), {})
 
         async def two() -> None:
@@ -139,7 +139,7 @@ async def test_routing_changes_and_broadcasts_ride_in_the_header(
                 await asyncio.sleep(0.01)
 
         await asyncio.wait_for(two(), 5 * UNIT)
-        assert got[0].events == [Event(3, EV_JOIN, 7, 8)]
+        assert got[0].events == [Event(3, EVENT_JOIN, 7, 8)]
         assert got[1].everyone == [everyone]
     finally:
         await bus_a.close()

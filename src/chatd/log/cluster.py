@@ -39,7 +39,16 @@ from chatd.bus.nats import Header, NodeBus, group_subject, user_subject
 from chatd.errors import StoreError
 from chatd.log.chain import Chain, Unit
 from chatd.log.core import LOOKUP_BATCH, NO_PORT, Log, Submission
-from chatd.store import BROADCAST, DUPLICATE, STORED, SYSTEM_USER, ChainStore, Event
+from chatd.store import (
+    BROADCAST,
+    DUPLICATE,
+    EVENT_JOIN,
+    EVENT_LEAVE,
+    STORED,
+    SYSTEM_USER,
+    ChainStore,
+    Event,
+)
 from chatd.wire import CMD_PRIVATE, Message
 
 log = logging.getLogger("chatd.log.cluster")
@@ -139,7 +148,9 @@ class ClusterLog(Log):
     # --- this node's commits ------------------------------------------------------------
 
     def _committed(self, batch: list[Submission], outcomes: list[int]) -> None:
-        prev, last = self.store.last_span
+        span = self.store.last_span
+        assert span is not None  # an append always takes positions
+        prev, last = span
         users: set[int] = set()
         groups: set[int] = set()
         payloads: dict[str, list[Message]] = {}
@@ -177,9 +188,10 @@ class ClusterLog(Log):
 
     def _changed(self, event: Event, changed: bool = True) -> None:
         recorded = self.store.last_event
-        if recorded is None:  # nothing changed: nothing to announce
+        span = self.store.last_span
+        if recorded is None or span is None:  # nothing changed: nothing to announce
             return
-        prev, last = self.store.last_span
+        prev, last = span
         self.bus.publish(Header(self.node, prev, last, events=[recorded]), {})
         self.chain.own(prev, last, _OWN_EVENTS, events=[recorded])
         self._pump()
@@ -315,9 +327,9 @@ class ClusterLog(Log):
         mine = set(groups)
         for event in self._recent:
             if event.id > at and event.uid == uid:
-                if event.kind == 1:  # EV_JOIN
+                if event.kind == EVENT_JOIN:
                     mine.add(event.gid)
-                elif event.kind == 2:  # EV_LEAVE
+                elif event.kind == EVENT_LEAVE:
                     mine.discard(event.gid)
         return frozenset(mine)
 

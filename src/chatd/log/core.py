@@ -47,11 +47,11 @@ from chatd.log.presence import Presence
 from chatd.store import (
     BROADCAST,
     DUPLICATE,
-    EV_BAN,
-    EV_JOIN,
-    EV_LEAVE,
-    EV_REVOKE,
-    EV_UNBAN,
+    EVENT_BAN,
+    EVENT_JOIN,
+    EVENT_LEAVE,
+    EVENT_REVOKE,
+    EVENT_UNBAN,
     NO_RECEIVER,
     STORED,
     SYSTEM_USER,
@@ -225,7 +225,7 @@ class Log:
     ) -> int:
         async def op() -> int:
             gid = await self.store.create_group(name, owner, icon, cate, memo)
-            self._changed(Event(0, EV_JOIN, owner, gid))
+            self._changed(Event(0, EVENT_JOIN, owner, gid))
             return gid
 
         return int(await self._control(op))
@@ -234,7 +234,7 @@ class Log:
         async def op() -> bool:
             added = await self.store.join_group(gid, uid)
             if added:
-                self._changed(Event(0, EV_JOIN, uid, gid))
+                self._changed(Event(0, EVENT_JOIN, uid, gid))
             return added
 
         return bool(await self._control(op))
@@ -243,7 +243,7 @@ class Log:
         async def op() -> bool:
             removed = await self.store.leave_group(gid, uid)
             if removed:
-                self._changed(Event(0, EV_LEAVE, uid, gid))
+                self._changed(Event(0, EVENT_LEAVE, uid, gid))
             return removed
 
         return bool(await self._control(op))
@@ -251,7 +251,7 @@ class Log:
     async def revoke_tokens(self, uid: int) -> int:
         async def op() -> int:
             version = await self.store.bump_token_version(uid)
-            self._changed(Event(0, EV_REVOKE, uid, version=version))
+            self._changed(Event(0, EVENT_REVOKE, uid, version=version))
             return version
 
         return int(await self._control(op))
@@ -259,7 +259,7 @@ class Log:
     async def set_banned(self, uid: int, banned: bool) -> bool:
         async def op() -> bool:
             changed = await self.store.set_banned(uid, banned)
-            self._changed(Event(0, EV_BAN if banned else EV_UNBAN, uid), changed)
+            self._changed(Event(0, EVENT_BAN if banned else EVENT_UNBAN, uid), changed)
             return changed
 
         return bool(await self._control(op))
@@ -299,18 +299,18 @@ class Log:
     def _apply_event(self, event: Event) -> None:
         """What a routing change means for the shards: who must learn it."""
         kind, uid = event.kind, event.uid
-        if kind == EV_JOIN:
+        if kind == EVENT_JOIN:
             self._announce_join(uid, event.gid)
-        elif kind == EV_LEAVE:
+        elif kind == EVENT_LEAVE:
             for port in self.presence.leave(uid, event.gid):
                 self._emit(port, Left(uid, event.gid))
-        elif kind == EV_REVOKE:
+        elif kind == EVENT_REVOKE:
             self._versions[uid] = event.version
             self._emit_all(Revoked(uid, event.version))
-        elif kind == EV_BAN:
+        elif kind == EVENT_BAN:
             self._banned.add(uid)
             self._emit_all(Banned(uid))
-        elif kind == EV_UNBAN:
+        elif kind == EVENT_UNBAN:
             self._banned.discard(uid)
             self._emit_all(Unbanned(uid))
 

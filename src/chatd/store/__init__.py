@@ -35,28 +35,17 @@ STORED: Final = 0  # a new row: deliver it
 DUPLICATE: Final = 1  # the same (userid, cid) was stored before: ack again, do not deliver
 NO_RECEIVER: Final = 2  # a private message to a user that does not exist
 
+#: kinds of ``Event`` (a routing change recorded in the chain of a ``ChainStore``)
+EVENT_JOIN: Final = 1  # uid joined group gid (also the owner of a new group)
+EVENT_LEAVE: Final = 2  # uid left group gid
+EVENT_REVOKE: Final = 3  # uid's tokens up to ``version`` - 1 are void (version: the new one)
+EVENT_BAN: Final = 4  # uid is banned
+EVENT_UNBAN: Final = 5  # uid is no longer banned
+
 #: the sender of system messages (``chatd admin broadcast``): no user row has it
 SYSTEM_USER: Final = 0
 #: the ``dstid`` of a private system message to every user (sync returns it to all)
 BROADCAST: Final = 0
-
-
-#: kinds of ``Event`` (the routing changes a shared store records in the chain)
-EV_JOIN: Final = 1
-EV_LEAVE: Final = 2
-EV_REVOKE: Final = 3
-EV_BAN: Final = 4
-EV_UNBAN: Final = 5
-
-
-class Event(msgspec.Struct, frozen=True, array_like=True):
-    """A routing change at its place in the chain (``ChainStore``)."""
-
-    id: int
-    kind: int
-    uid: int
-    gid: int = 0
-    version: int = 0
 
 
 class UserRecord(msgspec.Struct, frozen=True):
@@ -84,6 +73,23 @@ class GroupRecord(msgspec.Struct, frozen=True):
     cate: int
     memo: str
     created_ms: int
+
+
+class Event(msgspec.Struct, frozen=True, array_like=True):
+    """A routing change at its place in a ``ChainStore``'s chain.
+
+    ``id`` is a position in the same id space as messages: a member who
+    joined at event ``id`` sees the group's messages with a higher id, and a
+    leave, revocation or ban stops delivery from its position on. ``gid`` is
+    set for joins and leaves, ``version`` (the new token version) for
+    revocations.
+    """
+
+    id: int
+    kind: int
+    uid: int
+    gid: int = 0
+    version: int = 0
 
 
 class Store(Protocol):
@@ -139,6 +145,45 @@ class Store(Protocol):
     ) -> list[Message]: ...
 
 
+class ChainStore(Store, Protocol):
+    """A store shared by many nodes, whose ids are one chain in commit order.
+
+    Every chain write (a batch of ``append`` or one routing change) is one
+    transaction that takes the chain's lock first and allocates positions
+    from the head, so positions are the commit order: a reader that saw the
+    head at n never later finds a new id <= n (docs/design.md, invariant 2).
+    A batch of k messages takes exactly k positions, whether each is stored
+    or not (a duplicate or refused message leaves a gap, which is harmless);
+    a routing change that changed something takes one, for its ``Event``.
+
+    ``last_span`` and ``last_event`` describe this store's latest chain
+    write; read them right after the call returns, before awaiting anything
+    else (another caller's write replaces them).
+    """
+
+    #: (prev, last) of the latest chain write: the head just before it and
+    #: its last position (prev == last for an empty batch); None after a
+    #: routing change that changed nothing (it took no position)
+    last_span: tuple[int, int] | None
+    #: the event the latest routing change recorded; None when it changed
+    #: nothing (e.g. joining a group twice) and after ``append``
+    last_event: Event | None
+
+    async def head(self) -> int:
+        """The highest chain position committed (every lower one is committed too)."""
+        ...
+
+    async def chain_range(self, after: int, upto: int, limit: int) -> list[Message | Event]:
+        """The committed messages and events with ``after`` < id <= ``upto``, in id
+        order, at most ``limit``: what a node missed, read from the store."""
+        ...
+
+    async def group_ids_at(self, uids: Collection[int]) -> tuple[int, dict[int, frozenset[int]]]:
+        """``group_ids_of(uids)`` and the committed head, read in one snapshot:
+        the users' memberships as of that chain position."""
+        ...
+
+
 async def open_store(
     path: Path, *, synchronous: str = "NORMAL", writable: bool = True, busy_timeout_ms: int = 10_000
 ) -> Store:
@@ -152,29 +197,6 @@ async def open_store(
     return await SqliteStore.open(
         path, synchronous=synchronous, writable=writable, busy_timeout_ms=busy_timeout_ms
     )
-
-
-class ChainStore(Store, Protocol):
-    """A store that several nodes write: every write takes positions in one chain.
-
-    A message batch or a routing change runs under a lock that serialises the
-    chain's writers and takes the positions ``(prev, last]`` from the head, so
-    ids are the commit order across nodes (docs/design.md, "Many nodes").
-    """
-
-    #: (prev, last) of this object's latest chain write
-    last_span: tuple[int, int]
-    #: the routing change the latest routing-change call recorded (None: nothing changed)
-    last_event: Event | None
-
-    async def head(self) -> int:
-        """The highest committed chain position."""
-
-    async def chain_range(self, after: int, upto: int, limit: int) -> list[Message | Event]:
-        """Committed messages and events with ``after`` < id <= ``upto``, in id order."""
-
-    async def group_ids_at(self, uids: Collection[int]) -> tuple[int, dict[int, frozenset[int]]]:
-        """``group_ids_of(uids)`` and the committed head, from one snapshot."""
 
 
 async def open_configured(cfg: Config, *, writable: bool = True) -> Store:

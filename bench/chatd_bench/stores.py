@@ -1,0 +1,242 @@
+"""The stores side by side: CPU per message and commits/s of ``append``.
+
+    python -m chatd_bench.stores --engine sqlite|postgres --batch 20,500 --n 60000
+        [--users 10000] [--sqlite-sync NORMAL] [--pg-sync on] [--dsn DSN --pg-pid PID]
+
+A micro-benchmark, not a test. For each batch size: a fresh database with
+``--users`` users, then ``--n`` private messages (100 bytes of content,
+random sender and receiver, each with its own cid, as clients send them)
+appended by one writer in batches of that size, back to back (the node's log
+does the same: one batch in flight). Reported per batch size: µs of CPU per
+message — this process (the store's client side, aiosqlite's thread
+included) plus, for PostgreSQL, the server's processes (the postmaster and
+all its children, via psutil) — commits/s, messages/s, and p50/p99 of one
+``append`` call.
+
+PostgreSQL: without ``--dsn`` the bench runs a throwaway cluster (Debian's
+``initdb`` / ``pg_ctl`` as the ``postgres`` user, in a temp folder, with
+``fsync=on`` and ``synchronous_commit`` = ``--pg-sync``); with ``--dsn`` it
+uses that server (each run in a new database it creates and drops) and
+counts the server's CPU only when ``--pg-pid`` names its postmaster.
+Background workers that exit during a run (autovacuum) take their CPU with
+them: the server figure is a slight underestimate.
+
+SQLite's ``NORMAL`` (chatd's default) does not fsync at each commit, and
+PostgreSQL's ``synchronous_commit=on`` does: compare like with like
+(``--sqlite-sync FULL`` or ``--pg-sync off``) when durability matters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import random
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import uvloop
+
+from chatd.store.postgres import PostgresStore
+from chatd.store.sqlite import SqliteStore
+from chatd.wire import Message
+
+CONTENT = "x" * 100
+
+
+class _Cluster:
+    """A throwaway PostgreSQL cluster (what tests/pg_helpers.py does for the tests)."""
+
+    def __init__(self, sync: str) -> None:
+        found = sorted(
+            glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+            key=lambda p: int(p.split("/")[4].split(".")[0]),
+        )
+        initdb = found[-1] if found else shutil.which("initdb")
+        if initdb is None:
+            raise SystemExit("PostgreSQL is not installed: apt-get install -y postgresql")
+        self.bindir = Path(initdb).parent
+        self.root = Path(tempfile.mkdtemp(prefix="chatd-bench-pg-"))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        if os.geteuid() == 0:
+            shutil.chown(self.root, "postgres", "postgres")
+        self._run(
+            "initdb",
+            "-D",
+            str(self.root / "data"),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--no-locale",
+            "-E",
+            "UTF8",
+        )
+        with open(self.root / "data" / "postgresql.conf", "a") as conf:
+            conf.write(
+                f"port = {self.port}\nlisten_addresses = '127.0.0.1'\n"
+                f"unix_socket_directories = '{self.root}'\nfsync = on\n"
+                f"synchronous_commit = {sync}\n"
+            )
+        self._run(
+            "pg_ctl", "-D", str(self.root / "data"), "-l", str(self.root / "log"), "-w", "start"
+        )
+        pid_line = (self.root / "data" / "postmaster.pid").read_text().splitlines()[0]
+        self.pid = int(pid_line)
+        self.dsn_base = f"postgresql://postgres@127.0.0.1:{self.port}"
+
+    def _run(self, tool: str, *args: str) -> None:
+        cmd = [str(self.bindir / tool), *args]
+        if os.geteuid() == 0:
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        subprocess.run(cmd, check=True, capture_output=True, cwd=self.root)
+
+    def close(self) -> None:
+        try:
+            self._run("pg_ctl", "-D", str(self.root / "data"), "-m", "immediate", "stop")
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _cpu_snapshot(pid: int | None) -> dict[int, tuple[psutil.Process, float]]:
+    """pid -> (process, user + system seconds) for ``pid`` and all its children."""
+    if pid is None:
+        return {}
+    root = psutil.Process(pid)
+    out = {}
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        out[p.pid] = (p, t.user + t.system)
+    return out
+
+
+def _cpu_since(before: dict[int, tuple[psutil.Process, float]], pid: int | None) -> float:
+    """CPU seconds that ``pid``'s tree spent since ``before`` (a process that exited
+    meanwhile counts for nothing; one that started counts whole)."""
+    now = _cpu_snapshot(pid)
+    return sum(cpu - before.get(p, (None, 0.0))[1] for p, (_, cpu) in now.items())
+
+
+def _messages(n: int, users: list[int], seed: int) -> list[Message]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        src, dst = rng.sample(users, 2)
+        out.append(
+            Message(userid=src, cmd=10, dstid=dst, media=1, content=CONTENT, cid=f"b{seed}-{i}")
+        )
+    return out
+
+
+async def _run_one(
+    store: Any, batch: int, n: int, users: int, server_pid: int | None
+) -> dict[str, float]:
+    uids = [await store.create_user(f"bench{i}", "x") for i in range(users)]
+    msgs = _messages(n, uids, batch)
+    me = os.getpid()
+    lat: list[float] = []
+    c0, s0, t0 = _cpu_snapshot(me), _cpu_snapshot(server_pid), time.perf_counter()
+    for i in range(0, n, batch):
+        t = time.perf_counter()
+        await store.append(msgs[i : i + batch])
+        lat.append(time.perf_counter() - t)
+    wall = time.perf_counter() - t0
+    client, srv = _cpu_since(c0, me), _cpu_since(s0, server_pid)
+    assert store.committed == n, store.committed
+    lat.sort()
+    return {
+        "client_us": 1e6 * client / n,
+        "server_us": 1e6 * srv / n,
+        "us_per_msg": 1e6 * (client + srv) / n,
+        "commits_s": len(lat) / wall,
+        "msgs_s": n / wall,
+        "p50_ms": 1e3 * lat[len(lat) // 2],
+        "p99_ms": 1e3 * lat[min(len(lat) - 1, int(len(lat) * 0.99))],
+    }
+
+
+async def _main(args: argparse.Namespace) -> None:
+    batches = [int(b) for b in args.batch.split(",")]
+    cluster = None
+    server_pid = args.pg_pid
+    if args.engine == "postgres" and args.dsn is None:
+        cluster = _Cluster(args.pg_sync)
+        server_pid = cluster.pid
+    try:
+        print(
+            f"engine={args.engine} n={args.n} users={args.users} "
+            + (
+                f"sqlite-sync={args.sqlite_sync}"
+                if args.engine == "sqlite"
+                else f"pg-sync={args.pg_sync if cluster else '(server)'}"
+            )
+        )
+        print(
+            f"{'batch':>6} {'µs/msg':>8} {'client':>8} {'server':>8} {'commits/s':>10} "
+            f"{'msgs/s':>9} {'p50 ms':>7} {'p99 ms':>7}"
+        )
+        for k, batch in enumerate(batches):
+            if args.engine == "sqlite":
+                folder = Path(tempfile.mkdtemp(prefix="chatd-bench-sqlite-"))
+                store: Any = await SqliteStore.open(
+                    folder / "chatd.db", synchronous=args.sqlite_sync
+                )
+            else:
+                base = args.dsn or (cluster.dsn_base + "/postgres" if cluster else "")
+                admin = await _admin(base)
+                db = f"chatd_bench_{os.getpid()}_{k}"
+                await admin.execute(f"CREATE DATABASE {db}")
+                store = await PostgresStore.open(
+                    base.rsplit("/", 1)[0] + "/" + db, min_size=1, max_size=1
+                )
+            try:
+                r = await _run_one(store, batch, args.n, args.users, server_pid)
+            finally:
+                await store.close()
+                if args.engine == "sqlite":
+                    shutil.rmtree(folder, ignore_errors=True)
+                else:
+                    await admin.execute(f"DROP DATABASE {db} WITH (FORCE)")
+                    await admin.close()
+            print(
+                f"{batch:>6} {r['us_per_msg']:>8.1f} {r['client_us']:>8.1f} "
+                f"{r['server_us']:>8.1f} {r['commits_s']:>10.0f} {r['msgs_s']:>9.0f} "
+                f"{r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f}"
+            )
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+async def _admin(dsn: str) -> Any:
+    import asyncpg
+
+    return await asyncpg.connect(dsn)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--engine", choices=("sqlite", "postgres"), default="sqlite")
+    parser.add_argument("--batch", default="20,500", help="batch sizes, comma-separated")
+    parser.add_argument("--n", type=int, default=60_000, help="messages per batch size")
+    parser.add_argument("--users", type=int, default=10_000)
+    parser.add_argument("--sqlite-sync", default="NORMAL", help="PRAGMA synchronous")
+    parser.add_argument("--pg-sync", default="on", help="synchronous_commit of the cluster")
+    parser.add_argument("--dsn", help="an existing server (a database to connect to first)")
+    parser.add_argument("--pg-pid", type=int, help="its postmaster's pid, to count its CPU")
+    # chatd runs on uvloop: so does the store's client side here
+    uvloop.run(_main(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
