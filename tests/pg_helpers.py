@@ -16,10 +16,11 @@ import glob
 import os
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
+
+from net_helpers import free_port
 
 INSTALL_HINT = "PostgreSQL is not installed: apt-get install -y postgresql"
 
@@ -47,12 +48,6 @@ def find_bindir() -> Path:
     raise PgMissing(INSTALL_HINT)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class PgServer:
     """One PostgreSQL cluster in a temp folder, run by the ``postgres`` user."""
 
@@ -72,7 +67,7 @@ class PgServer:
         """A new cluster, initialised and started."""
         bindir = find_bindir()
         root = Path(tempfile.mkdtemp(prefix="chatd-pg-"))
-        server = cls(bindir, root, _free_port())
+        server = cls(bindir, root, free_port())
         try:
             if os.geteuid() == 0:
                 shutil.chown(root, "postgres", "postgres")
