@@ -199,33 +199,70 @@ def devices_for(node: NodeProcess, data: Path, uids: list[int], **kw: Any) -> li
 # --- the store's view -----------------------------------------------------------------
 
 
+class Snapshot:
+    """What a store holds, read with SQL of the test's own: every message row
+    (id, userid, cmd, dstid, cid, ts) by id, and every membership
+    (gid, uid, joined_id). From a SQLite file or a PostgreSQL database."""
+
+    def __init__(self, rows: list[tuple[int, int, int, int, str | None, int]],
+                 members: list[tuple[int, int, int]]) -> None:
+        self.rows = rows
+        self.members = members
+
+    @classmethod
+    def of_sqlite(cls, db: Path) -> Snapshot:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+            rows = list(conn.execute(
+                "SELECT id, userid, cmd, dstid, cid, ts FROM messages ORDER BY id"))
+            members = list(conn.execute("SELECT gid, uid, joined_id FROM members"))
+        return cls(rows, members)
+
+    @classmethod
+    async def of_postgres(cls, dsn: str) -> Snapshot:
+        import asyncpg
+
+        conn = await asyncpg.connect(dsn)
+        try:
+            rows = [tuple(r) for r in await conn.fetch(
+                "SELECT id, userid, cmd, dstid, cid, ts FROM messages ORDER BY id")]
+            members = [tuple(r) for r in await conn.fetch(
+                "SELECT gid, uid, joined_id FROM members")]
+        finally:
+            await conn.close()
+        return cls(rows, members)  # type: ignore[arg-type]
+
+    def view(self, uid: int) -> set[int]:
+        """The ids a user is entitled to: private messages to or from it, and
+        group messages of its groups after it joined."""
+        joined = {gid: since for gid, member, since in self.members if member == uid}
+        return {
+            mid for mid, userid, cmd, dstid, _, _ in self.rows
+            if (cmd == 10 and uid in (dstid, userid))
+            or (cmd == 11 and dstid in joined and mid > joined[dstid])
+        }
+
+    def cids(self) -> dict[tuple[int, str], list[int]]:
+        """(userid, cid) -> ids of the rows stored under it (one, if dedupe works)."""
+        found: dict[tuple[int, str], list[int]] = {}
+        for mid, userid, _, _, cid, _ in self.rows:
+            if cid is not None:
+                found.setdefault((userid, cid), []).append(mid)
+        return found
+
+
 def store_rows(db: Path) -> list[tuple[int, int, int, int, str | None, int]]:
     """Every message row: (id, userid, cmd, dstid, cid, ts), by id."""
-    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
-        return list(conn.execute(
-            "SELECT id, userid, cmd, dstid, cid, ts FROM messages ORDER BY id"))
+    return Snapshot.of_sqlite(db).rows
 
 
 def store_view(db: Path, uid: int) -> set[int]:
-    """The ids a user is entitled to, read from the file with SQL of the test's
-    own: private messages to or from it, and group messages of its groups
-    after it joined."""
-    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
-        rows = conn.execute(
-            "SELECT id FROM messages WHERE cmd = 10 AND (dstid = :u OR userid = :u) "
-            "UNION SELECT m.id FROM messages m JOIN members g "
-            "ON m.cmd = 11 AND m.dstid = g.gid AND m.id > g.joined_id WHERE g.uid = :u",
-            {"u": uid})
-        return {int(r[0]) for r in rows}
+    """The ids a user is entitled to (``Snapshot.view``) in a SQLite file."""
+    return Snapshot.of_sqlite(db).view(uid)
 
 
 def cids_stored(db: Path) -> dict[tuple[int, str], list[int]]:
     """(userid, cid) -> ids of the rows stored under it (one, if dedupe works)."""
-    found: dict[tuple[int, str], list[int]] = {}
-    for mid, userid, _, _, cid, _ in store_rows(db):
-        if cid is not None:
-            found.setdefault((userid, cid), []).append(mid)
-    return found
+    return Snapshot.of_sqlite(db).cids()
 
 
 # --- a client device ------------------------------------------------------------------
@@ -535,10 +572,11 @@ class Device:
         await self.synced(timeout)
 
 
-def check_devices(devices: list[Device], db: Path) -> dict[str, int]:
+def check_devices(devices: list[Device], db: Path | Snapshot) -> dict[str, int]:
     """Compare every device's view with the store's view of its user and every
     ack with the rows stored; the counts (the test asserts on them)."""
-    rows = cids_stored(db)
+    snap = db if isinstance(db, Snapshot) else Snapshot.of_sqlite(db)
+    rows = snap.cids()
     sent = sum(d._seq for d in devices)
     acked = sum(len(d.acked) for d in devices)
     stored = 0
@@ -558,9 +596,9 @@ def check_devices(devices: list[Device], db: Path) -> dict[str, int]:
             stored += len(ids)
     lost = 0
     foreign = 0
-    by_id = {r[0]: r for r in store_rows(db)}
+    by_id = {r[0]: r for r in snap.rows}
     for d in devices:
-        want = store_view(db, d.uid)
+        want = snap.view(d.uid)
         missing = want - d.view
         lost += len(missing)
         foreign += len(d.view - want)
