@@ -38,6 +38,8 @@ class Cluster:
         os.chmod(self.secret_file, 0o600)
         self.nodes: list[NodeProcess] = []
         self.store: PostgresStore | None = None
+        #: the PostgreSQL server (tests/pg_helpers.py), for the fault tests
+        self.pg: Any = None
         self.http: aiohttp.ClientSession | None = None
 
     async def open(self) -> None:
@@ -129,10 +131,11 @@ class Cluster:
 
 
 @pytest.fixture
-async def cluster(tmp_path: Path, pg_dsn: str) -> AsyncIterator[Cluster]:
+async def cluster(tmp_path: Path, pg_server: Any, pg_dsn: str) -> AsyncIterator[Cluster]:
     nats = NatsCluster(tmp_path / "nats")
     await nats.start()
     c = Cluster(tmp_path, pg_dsn, nats)
+    c.pg = pg_server
     try:
         await c.open()
         yield c

@@ -112,6 +112,11 @@ class NodeProcess:
         done = run_cli("admin", *args, "--json", data_dir=self.data_dir)
         return json.loads(done.stdout)
 
+    async def wait_exit(self, timeout: float = 20.0) -> int:
+        """Wait for the node to exit by itself; its exit status."""
+        loop = asyncio.get_running_loop()
+        return await asyncio.wait_for(loop.run_in_executor(None, self.proc.wait), timeout * UNIT)
+
     def shards(self) -> list[dict[str, Any]]:
         return list(self.admin("shards", "list"))
 
