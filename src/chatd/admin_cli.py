@@ -215,8 +215,14 @@ def run_db(cfg: Config, args: argparse.Namespace) -> int:
     """``chatd db backup FILE | check | vacuum``."""
     from pathlib import Path
 
+    from chatd.errors import ChatdError
     from chatd.store import sqlite
 
+    if cfg.store_is_postgres:
+        raise ChatdError(
+            f"chatd db {args.action} works on the SQLite store; this node's store is "
+            "PostgreSQL: use its own tools (pg_dump for a backup, amcheck, VACUUM)"
+        )
     if args.action == "backup":
         pages = sqlite.backup(cfg.db_path, Path(args.file))
         print(f"backed up {cfg.db_path} to {args.file} ({pages} pages); integrity ok")

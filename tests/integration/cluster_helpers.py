@@ -7,6 +7,7 @@ pumped all along) started with ``--store``, ``--bus`` and ``--node-id``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import time
@@ -15,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 from conftest import UNIT
 from fault_helpers import Device, NodeProcess, Snapshot
 from nats_helpers import NatsCluster
@@ -130,11 +130,13 @@ class Cluster:
         raise AssertionError(f"no fresh report of the log in 10 s: {snapshot}")
 
 
-@pytest.fixture
-async def cluster(tmp_path: Path, pg_server: Any, pg_dsn: str) -> AsyncIterator[Cluster]:
-    nats = NatsCluster(tmp_path / "nats")
+@contextlib.asynccontextmanager
+async def open_cluster(folder: Path, pg_server: Any, dsn: str) -> AsyncIterator[Cluster]:
+    """The engines of a test (NATS started here, PostgreSQL given); nodes are
+    started by the test and all killed at the end, their output shown."""
+    nats = NatsCluster(folder / "nats")
     await nats.start()
-    c = Cluster(tmp_path, pg_dsn, nats)
+    c = Cluster(folder, dsn, nats)
     c.pg = pg_server
     try:
         await c.open()
@@ -175,4 +177,4 @@ def clean(counts: dict[str, int]) -> None:
     assert counts["acked"] == counts["sent"] == counts["stored"], counts
 
 
-__all__ = ["UNIT", "Cluster", "cluster", "clean", "run_devices", "settle", "stop"]
+__all__ = ["UNIT", "Cluster", "clean", "open_cluster", "run_devices", "settle", "stop"]

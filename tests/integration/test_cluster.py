@@ -8,11 +8,13 @@ acked message present once and every client's view equal to the store's.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import pytest
-from cluster_helpers import Cluster, clean, cluster, run_devices, settle, stop  # noqa: F401
+from cluster_helpers import Cluster, clean, open_cluster, run_devices, settle, stop
 from conftest import UNIT
 from fault_helpers import check_devices
 
@@ -20,6 +22,12 @@ pytestmark = pytest.mark.slow
 
 #: messages each device sends in the traffic tests
 PER_DEVICE = 60
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path, pg_server: Any, pg_dsn: str) -> AsyncIterator[Cluster]:
+    async with open_cluster(tmp_path, pg_server, pg_dsn) as c:
+        yield c
 
 
 async def test_private_and_group_messages_between_nodes_once_and_in_order(
@@ -154,7 +162,8 @@ def auth_token(cluster: Cluster, uid: int, version: int) -> str:
     return auth.issue_token(cluster.secret, uid, version, 3600)
 
 
-async def _traffic_setup(cluster: Cluster, nodes: int = 3):  # type: ignore[no-untyped-def]
+async def _traffic_setup(cluster: Cluster, nodes: int = 3,  # type: ignore[no-untyped-def]
+                         env_of: dict[int, dict[str, str]] | None = None):
     """Four users in a group, five devices spread over the nodes, each
     preferring another node first (and going to the next when it is gone)."""
     a, b, c, d = await cluster.users(4)
@@ -162,7 +171,8 @@ async def _traffic_setup(cluster: Cluster, nodes: int = 3):  # type: ignore[no-u
     gid = await cluster.store.create_group("all", a)
     for uid in (b, c, d):
         await cluster.store.join_group(gid, uid)
-    ns = [cluster.start(f"n{i}", "--shards", "1") for i in range(nodes)]
+    ns = [cluster.start(f"n{i}", "--shards", "1", env=(env_of or {}).get(i))
+          for i in range(nodes)]
     await cluster.started(*ns)
     order = [ns[i:] + ns[:i] for i in range(len(ns))]
     devices = [
@@ -227,9 +237,15 @@ async def test_a_nats_server_killed_under_traffic_fails_over(cluster: Cluster) -
 async def test_postgres_restarted_under_traffic_answers_retry_and_loses_nothing(
     cluster: Cluster,
 ) -> None:
+    import socket
+
     import aiohttp
 
-    (n0, n1, n2), devices, pump = await _traffic_setup(cluster)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(cluster.folder / "notify.sock"))
+    notify.setblocking(False)
+    env = {"NOTIFY_SOCKET": str(cluster.folder / "notify.sock"), "WATCHDOG_USEC": "1000000"}
+    (n0, n1, n2), devices, pump = await _traffic_setup(cluster, env_of={1: env})
     traffic = pump(200)
     await _acked(devices, 100)
     acked_before = {(d.name, c): i for d in devices for c, i in d.acked.items()}
@@ -242,10 +258,18 @@ async def test_postgres_restarted_under_traffic_answers_retry_and_loses_nothing(
             await asyncio.sleep(0.01)
     await asyncio.wait_for(refusals(), 30 * UNIT)
     # not ready: /healthz on the api port says so, and so does the log (STATUS)
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"http://127.0.0.1:{n1.api_port}/healthz") as resp:
-            assert resp.status == 503
+    async with aiohttp.ClientSession() as http, http.get(
+        f"http://127.0.0.1:{n1.api_port}/healthz"
+    ) as resp:
+        assert resp.status == 503
     assert (await cluster.log_figures(n1))["store_ok"] is False
+    # and the unit's STATUS line (systemd's notify socket)
+    loop = asyncio.get_running_loop()
+
+    async def status_says(words: str) -> None:
+        while words not in (await loop.sock_recv(notify, 4096)).decode():
+            pass
+    await asyncio.wait_for(status_says("store unreachable: not ready"), 10 * UNIT)
     cluster.pg.start()
     await traffic
     await settle(devices)
@@ -257,6 +281,7 @@ async def test_postgres_restarted_under_traffic_answers_retry_and_loses_nothing(
     after = {(d.name, c): i for d in devices for c, i in d.acked.items()}
     assert all(after[k] == v for k, v in acked_before.items())
     assert (await cluster.log_figures(n1))["store_ok"] is True
+    notify.close()
     await stop(devices)
 
 
@@ -287,3 +312,93 @@ async def test_a_node_joins_a_running_cluster_and_another_drains(cluster: Cluste
     await a.until(lambda: b.acked[cid] in a.copies, 10)
     assert (await cluster.log_figures(n2))["remote_units"] > 0
     await stop(devices)
+
+
+async def test_check_config_tries_the_store_and_each_nats_server(cluster: Cluster) -> None:
+    import subprocess
+    import sys
+
+    from net_helpers import free_port
+
+    def check(*args: str, secret: str | None = None) -> subprocess.CompletedProcess[str]:
+        env = {**__import__("os").environ,
+               "CHATD_SECRET_FILE": secret or str(cluster.secret_file)}
+        return subprocess.run(
+            [sys.executable, "-m", "chatd", "check-config", "--data-dir",
+             str(cluster.folder / "cc"), *args],
+            capture_output=True, text=True, timeout=60 * UNIT, env=env)
+
+    bus = ",".join(cluster.nats.urls)
+    ok = check("--store", cluster.dsn, "--bus", bus)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.count(": reachable") == 4 and "node " in ok.stdout
+    cluster.nats.servers[1].kill()
+    down = check("--store", cluster.dsn, "--bus", bus)
+    assert down.returncode == 1
+    assert f"bus {cluster.nats.urls[1]}" in down.stderr
+    assert cluster.nats.urls[0] not in down.stderr
+    no_pg = cluster.dsn.rsplit(":", 1)[0] + f":{free_port()}/nothing"
+    bad = check("--store", no_pg, "--bus", cluster.nats.urls[0])
+    assert bad.returncode == 1 and "unreachable: store postgresql://" in bad.stderr
+    missing = check("--store", cluster.dsn, "--bus", bus,
+                    secret=str(cluster.folder / "no-such-secret"))
+    assert missing.returncode == 1 and "does not exist" in missing.stderr
+    # a cluster without a shared store or secret is refused before anything is tried
+    alone = check("--bus", bus)
+    assert alone.returncode == 1 and "share one store" in alone.stderr
+
+
+async def test_the_http_api_runs_on_postgresql(cluster: Cluster) -> None:
+    """Accounts, friends, groups and history through three nodes' APIs, on one store."""
+    import aiohttp
+
+    n0, n1, n2 = (cluster.start(f"n{i}", "--shards", "1") for i in range(3))
+    await cluster.started(n0, n1, n2)
+    async with aiohttp.ClientSession() as http:
+        async def post(node, path: str, token: str = "", **fields):  # type: ignore[no-untyped-def]
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            async with http.post(f"http://127.0.0.1:{node.api_port}{path}", data=fields,
+                                 headers=headers) as resp:
+                body = await resp.json()
+                return resp.status, body
+
+        st, alice = await post(n0, "/user/register", mobile="13900000001", passwd="secret1",
+                               nickname="alice")
+        assert (st, alice["code"]) == (200, 0)
+        st, bob = await post(n1, "/user/register", mobile="13900000002", passwd="secret1")
+        st, dup = await post(n2, "/user/register", mobile="13900000001", passwd="secret1")
+        assert dup["code"] == -1  # the mobile is taken, whichever node is asked
+        st, login = await post(n2, "/user/login", mobile="13900000001", passwd="secret1")
+        assert (st, login["data"]["id"]) == (200, alice["data"]["id"])
+        a_tok, b_tok = login["data"]["token"], bob["data"]["token"]
+        b_id = bob["data"]["id"]
+        st, added = await post(n1, "/contact/addfriend", a_tok, dstid=b_id)
+        assert (st, added["code"]) == (200, 0)
+        st, friends = await post(n2, "/contact/loadfriend", b_tok)
+        assert [f["id"] for f in friends["rows"]] == [alice["data"]["id"]]
+        st, group = await post(n0, "/contact/createcommunity", a_tok, name="pg")
+        gid = group["data"]["id"]
+        st, joined = await post(n2, "/contact/joincommunity", b_tok, dstid=gid)
+        assert joined["code"] == 0
+        # a message through n1's websocket, read back through n2's history
+        dev = cluster.device("b", b_id, n1)
+        await run_devices([dev])
+        cid = dev.send(gid, cmd=11, content="hello pg")
+        await dev.all_acked()
+        st, hist = await post(n2, "/chat/history", a_tok, gid=gid)
+        assert [m["id"] for m in hist["rows"]] == [dev.acked[cid]], hist
+        assert hist["rows"][0]["content"] == "hello pg"
+        await stop([dev])
+
+
+def test_db_commands_say_they_are_for_sqlite_on_a_postgresql_store(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "chatd", "db", "check", "--data-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=60 * UNIT,
+        env={**__import__("os").environ, "CHATD_STORE": "postgresql://u@127.0.0.1:1/x"})
+    assert done.returncode == 1
+    assert done.stderr.startswith("chatd: chatd db check works on the SQLite store")
+    assert "pg_dump" in done.stderr
