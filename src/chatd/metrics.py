@@ -46,6 +46,15 @@ key                type      metric
 ``bytes_in``       int       ``chatd_received_bytes_total`` (counter)
 ``bytes_out``      int       ``chatd_sent_bytes_total`` (counter)
 ``auth_failures``  int       ``chatd_auth_failures_total`` (counter)
+``store_ok``       bool      ``chatd_store_up`` (gauge, 1/0)
+``chain_w``        int       ``chatd_chain_position`` (gauge; cluster)
+``chain_pending``  int       ``chatd_chain_waiting_units`` (gauge; cluster)
+``remote_units``   int       ``chatd_cluster_remote_units_total`` (counter; cluster)
+``store_reads``    int       ``chatd_cluster_store_reads_total`` (counter; cluster)
+``bus_up``         bool      ``chatd_bus_up`` (gauge, 1/0; cluster)
+``bus_published``  int       ``chatd_bus_published_total`` (counter; cluster)
+``bus_dropped``    int       ``chatd_bus_dropped_total`` (counter; cluster)
+``bus_subscriptions`` int    ``chatd_bus_subscriptions`` (gauge; cluster)
 ``closes``         {int:int} ``chatd_closes_total{code=...}`` (counter): close code
                              (an int, or its decimal text) -> connections closed so
 ``batch_size``     histogram ``chatd_store_batch_size`` (histogram): messages per
@@ -101,7 +110,7 @@ class Family:
     """One metric read from one key of each child (the first of ``keys`` present)."""
 
     name: str
-    kind: str  # "gauge" or "counter"
+    kind: str  # "gauge", "counter" or "flag" (a bool, as a gauge of 1 or 0)
     help: str
     keys: tuple[str, ...]
     #: True: the key is in the child's ``status`` dict; False: a field of the child
@@ -143,6 +152,45 @@ FAMILIES: Final = (
         "chatd_auth_failures_total", "counter",
         "Handshakes refused for a missing, bad, expired or revoked token.",
         ("auth_failures",),
+    ),
+    Family(
+        "chatd_store_up", "flag",
+        "1 while the store answers the node's log; 0: not ready (PostgreSQL unreachable, "
+        "disk full).", ("store_ok",),
+    ),
+    Family(
+        "chatd_chain_position", "gauge",
+        "Cluster: the chain position up to which this node has released everything.",
+        ("chain_w",),
+    ),
+    Family(
+        "chatd_chain_waiting_units", "gauge",
+        "Cluster: units heard or committed above the release point, not released yet.",
+        ("chain_pending",),
+    ),
+    Family(
+        "chatd_cluster_remote_units_total", "counter",
+        "Cluster: units of other nodes released to this node's shards.", ("remote_units",),
+    ),
+    Family(
+        "chatd_cluster_store_reads_total", "counter",
+        "Cluster: reads of the chain from the store (what the bus did not bring).",
+        ("store_reads",),
+    ),
+    Family("chatd_bus_up", "flag", "Cluster: 1 while the NATS link is up.", ("bus_up",)),
+    Family(
+        "chatd_bus_published_total", "counter", "Cluster: units published on NATS.",
+        ("bus_published",),
+    ),
+    Family(
+        "chatd_bus_dropped_total", "counter",
+        "Cluster: publishes dropped (NATS away, or too big); the others read them from "
+        "the store.", ("bus_dropped",),
+    ),
+    Family(
+        "chatd_bus_subscriptions", "gauge",
+        "Cluster: NATS interest subscriptions (online users and groups of this node).",
+        ("bus_subscriptions",),
     ),
     Family(
         "chatd_process_resident_bytes", "gauge", "Resident memory of the process.",
@@ -188,6 +236,11 @@ def _number(value: Any) -> float | None:
         return float(value)
     except OverflowError:  # an int past float's range
         return None
+
+
+def _flag(value: Any) -> float | None:
+    """A yes/no figure as 1 or 0; None when it is not a bool."""
+    return float(value) if isinstance(value, bool) else None
 
 
 def _count(value: Any) -> float | None:
@@ -259,7 +312,7 @@ class SnapshotCollector(Collector):
                 metric = CounterMetricFamily(fam.name, fam.help, labels=[PROCESS_LABEL])
             else:
                 metric = GaugeMetricFamily(fam.name, fam.help, labels=[PROCESS_LABEL])
-            read = _count if fam.kind == "counter" else _number
+            read = _count if fam.kind == "counter" else _flag if fam.kind == "flag" else _number
             for process, child, status in children:
                 source = status if fam.in_status else child
                 key = next((k for k in fam.keys if k in source), None)

@@ -44,6 +44,10 @@ FULL_STATUS: dict[str, Any] = {
     "bytes_out": 16000, "auth_failures": 2, "closes": {1000: 4, 4009: 1, "1001": 2},
     "batch_size": hist([[1, 2], [8, 4], [64, 5]], 40, 5),
     "commit_seconds": hist([[0.001, 3], [0.01, 5], [math.inf, 5]], 0.012, 5),
+    # a node of a cluster
+    "store_ok": False, "chain_w": 900, "chain_pending": 2, "remote_units": 30,
+    "store_reads": 1, "bus_up": True, "bus_published": 12, "bus_dropped": 3,
+    "bus_subscriptions": 4,
 }
 
 
@@ -74,6 +78,15 @@ def test_every_figure_of_every_child_under_its_process_label() -> None:
     assert at(values, "chatd_received_bytes_total", **shard) == 4500
     assert at(values, "chatd_sent_bytes_total", **shard) == 16000
     assert at(values, "chatd_auth_failures_total", **shard) == 2
+    assert at(values, "chatd_store_up", **shard) == 0
+    assert at(values, "chatd_chain_position", **shard) == 900
+    assert at(values, "chatd_chain_waiting_units", **shard) == 2
+    assert at(values, "chatd_cluster_remote_units_total", **shard) == 30
+    assert at(values, "chatd_cluster_store_reads_total", **shard) == 1
+    assert at(values, "chatd_bus_up", **shard) == 1
+    assert at(values, "chatd_bus_published_total", **shard) == 12
+    assert at(values, "chatd_bus_dropped_total", **shard) == 3
+    assert at(values, "chatd_bus_subscriptions", **shard) == 4
     assert at(values, "chatd_closes_total", code="1000", **shard) == 4
     assert at(values, "chatd_closes_total", code="1001", **shard) == 2
     assert at(values, "chatd_closes_total", code="4009", **shard) == 1
@@ -86,7 +99,8 @@ def test_every_figure_of_every_child_under_its_process_label() -> None:
     assert ("chatd_connections", frozenset(api.items())) not in values
     # every family has its declared type (the parser names counters without _total)
     for fam in metrics.FAMILIES:
-        assert types[fam.name.removesuffix("_total")] == fam.kind
+        kind = "gauge" if fam.kind == "flag" else fam.kind
+        assert types[fam.name.removesuffix("_total")] == kind
     assert types["chatd_closes"] == "counter"
     assert types["chatd_store_batch_size"] == types["chatd_store_commit_seconds"] == "histogram"
     assert "# TYPE chatd_messages_stored_total counter" in text
