@@ -12,7 +12,7 @@ import struct
 from typing import Any
 
 import pytest
-from conftest import Node
+from conftest import UNIT, Node
 from ws_raw import (
     OP_BINARY,
     OP_CLOSE,
@@ -168,6 +168,23 @@ async def test_a_close_frame_in_pieces_is_answered(path: tuple[Node, str]) -> No
     assert close.close_code == 1001
     assert await ws.reader.read() == b""
     ws.close()
+
+
+async def test_frames_in_the_same_write_as_the_request_head_are_judged_too(
+        path: tuple[Node, str]) -> None:
+    """The head, a ping and a frame with a reserved opcode in one write: the
+    upgrade, the pong, then the connection fails with 1002."""
+    node, where = path
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+    ws = RawWs(reader, writer)
+    try:
+        writer.write(upgrade_request(where) + frame(OP_PING, b"early") + frame(0x3, b"x"))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5 * UNIT)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        (pong,) = await _fails_with(ws, 1002)
+        assert (pong.opcode, pong.payload) == (OP_PONG, b"early")
+    finally:
+        ws.close()
 
 
 async def test_a_ping_is_answered_with_its_payload(path: tuple[Node, str]) -> None:
