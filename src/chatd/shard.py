@@ -251,6 +251,14 @@ class Conn(WSListener):
 
     # --- frames in ------------------------------------------------------------------
 
+    def on_bad_frame(self, code: int, reason: str) -> None:
+        """The gate found a frame that picows would fail the connection for
+        (1002: it breaks the framing or is a bad close frame; 1007: a close
+        reason not in UTF-8; 1009: over ``max_frame_bytes``) before picows
+        parsed it: the connection is closed as chatd closes any, the answers
+        to the frames before it first (``Shard.close``)."""
+        self.shard.close(self.sess, code, reason)
+
     def on_ws_frame(self, transport: Any, frame: Any) -> None:
         sess = self.sess
         state = sess.state
@@ -262,8 +270,8 @@ class Conn(WSListener):
             return
         shard = self.shard
         if transport.is_close_frame_sent:
-            # picows failed the connection: it found a protocol error in a
-            # frame behind this one (it reads ahead) and sent its close first
+            # picows failed the connection (an exception in a callback: the
+            # gate keeps every protocol error from it) and sent its close first
             sent = transport.close_handshake.sent
             shard.close(sess, int(sent.code), sent.reason or "")
             return

@@ -290,6 +290,9 @@ def _cli(*args: str, env: dict[str, str] | None = None,
     clean = {k: v for k, v in os.environ.items() if not k.startswith("CHATD_")}
     prefix: list[str] = []
     if as_nobody:
+        # coverage's subprocess measurement would write its data file as nobody
+        # into the checkout (not allowed): that child is not measured
+        clean = {k: v for k, v in clean.items() if not k.startswith("COVERAGE")}
         setpriv = shutil.which("setpriv")
         assert setpriv is not None
         prefix = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups",
