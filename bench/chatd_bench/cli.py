@@ -220,12 +220,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if api_result["ok"] else 1
     if args.url and (args.store or args.nodes):
         _parser().error("--store and --nodes start chatd themselves; not with --url")
+    try:
+        variants = [] if args.url else _variants(args, server_cpus)
+    except SetupError as exc:
+        _parser().error(str(exc))
     tmp = None
     data_dir = ""
     results: list[dict[str, Any]] = []
     engines = Engines()
     try:
-        variants = [] if args.url else _variants(args, server_cpus)
         users: dict[str, Users] = {}
         if args.url:
             users["url"] = _external_users(args, phases)
