@@ -9,6 +9,8 @@ Examples::
     chatd-bench connect --conns 10000 --conn-rate 2000 --vs picows,node
     chatd-bench mixed --rate 2000 --users 2000 --json out.jsonl --plot out.png
     chatd-bench private --url ws://10.0.0.5:8080/chat --users-file users.json
+    chatd-bench private --store sqlite,postgres --pin 0:1   # the stores side by side
+    chatd-bench private --nodes 1,2,3 --placement cross --window 8 --pin 0:1   # a cluster
 
 Exit status: 0 when every run was clean; 1 when a run lost, duplicated or
 misrouted messages (or missed acks, or dropped connections); 2 for bad usage;
@@ -18,6 +20,7 @@ misrouted messages (or missed acks, or dropped connections); 2 for bad usage;
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import sys
 import tempfile
@@ -28,9 +31,11 @@ from urllib.parse import urlsplit
 
 from chatd_bench import report
 from chatd_bench.api import API_SCENARIOS, run_api
+from chatd_bench.engines import Nats, Postgres
 from chatd_bench.run import BenchError, Options, Target, layouts_for, run_once, users_needed
 from chatd_bench.servers import (
     PEERS,
+    ChatdCluster,
     ChatdServer,
     PeerServer,
     ProcTree,
@@ -38,9 +43,64 @@ from chatd_bench.servers import (
     default_peers_dir,
     find_listener,
 )
-from chatd_bench.setup import SetupError, Users, load_users_file, peer_users, prepare_chatd
+from chatd_bench.setup import (
+    SetupError,
+    Users,
+    load_users_file,
+    make_secret_file,
+    peer_users,
+    prepare_chatd,
+)
 
 SCENARIOS = ("connect", "private", "group", "mixed", "soak", *API_SCENARIOS)
+STORES = ("sqlite", "postgres")
+
+
+PLACEMENTS = ("kernel", "same", "cross")
+
+
+@dataclasses.dataclass
+class Variant:
+    """One chatd set-up of a run: its name in the report, its store, shards per
+    node, nodes (0: one plain node, no bus), and where users connect."""
+
+    name: str
+    store: str
+    shards: int
+    nodes: int
+    placement: str = "kernel"
+    #: the name without the placement (what ``report.placement_ratios`` pairs on)
+    base: str = ""
+
+
+class Engines:
+    """The PostgreSQL and NATS the variants need, started once for every run."""
+
+    def __init__(self) -> None:
+        self.pg: Postgres | None = None
+        self.nats: Nats | None = None
+        self.dsn = ""
+        self.secret_file: Path | None = None
+
+    def start(self, variants: list[Variant], data_dir: Path, cpus: str | None, sync: str,
+              log: Any) -> None:
+        if any(v.store == "postgres" for v in variants):
+            self.pg = Postgres(cpus, sync)
+            self.dsn = self.pg.create_database("chatd_bench")
+            # a secret file every node reads (a cluster's nodes must share one)
+            data_dir.mkdir(parents=True, exist_ok=True)
+            self.secret_file = make_secret_file(data_dir / "bench-secret")
+            log(f"set-up: PostgreSQL {self.pg.bindir.parent.name} on port {self.pg.port} "
+                f"(synchronous_commit={sync})")
+        if any(v.nodes for v in variants):
+            self.nats = Nats(cpus)
+            log(f"set-up: nats-server on port {self.nats.port}")
+
+    def close(self) -> None:
+        if self.nats is not None:
+            self.nats.close()
+        if self.pg is not None:
+            self.pg.close()
 
 
 def parse_cpus(text: str) -> list[int]:
@@ -82,9 +142,19 @@ def _parser() -> argparse.ArgumentParser:
     a("--shards", metavar="LIST",
       help="chatd shard counts, one run each, side by side (e.g. 1,2; default: the CPUs "
            "of --pin's server set, else chatd's default)")
-    a("--placement", choices=("kernel", "same", "cross"), default="kernel",
-      help="with several shards: users on the chat port (kernel), a pair or group on one "
-           "shard (same), or every private message across shards (cross)")
+    a("--placement", metavar="LIST", default="kernel",
+      help="with several shards or nodes: users on the chat port (kernel; on a cluster: "
+           "round-robin over the nodes), a pair or group on one shard or node (same), or "
+           "every private message across shards or nodes (cross); a list (same,cross) "
+           "runs each side by side and reports cross / same")
+    a("--store", metavar="LIST",
+      help="chatd's store, one run each, side by side: sqlite (default), postgres (a "
+           "throwaway PostgreSQL the bench starts, synchronous_commit=on), or sqlite,postgres")
+    a("--nodes", metavar="LIST",
+      help="chatd cluster node counts, one run each, side by side (e.g. 1,2,3): the bench "
+           "starts nats-server and PostgreSQL, then N nodes of one shard each on them")
+    a("--pg-sync", default="on", choices=("on", "off", "local", "remote_write", "remote_apply"),
+      help="synchronous_commit of the bench's PostgreSQL (default on)")
     a("--drain", type=float, default=10.0, help="seconds to wait for stragglers after the load")
     a("--pin", metavar="SERVER:GEN", help="CPU sets, e.g. 0:1 or 0-1:2-7 (taskset syntax)")
     a("--no-spread", action="store_true",
@@ -120,7 +190,7 @@ def _options(args: argparse.Namespace, members: int) -> Options:
         conn_rate=args.conn_rate, hold_s=args.hold, group_share=args.group_share,
         image_share=args.image_share, churn_share=args.churn_share, churn_per_s=args.churn,
         hb_interval_s=args.heartbeat, drain_s=args.drain, binary=args.binary,
-        gen_cpus=gen, spread_sources=not args.no_spread, placement=args.placement)
+        gen_cpus=gen, spread_sources=not args.no_spread)
 
 
 def _log(msg: str) -> None:
@@ -142,32 +212,55 @@ def main(argv: Sequence[str] | None = None) -> int:
         if peers or args.url:
             _parser().error(f"{args.scenario}: the peers have no HTTP API; --vs and --url "
                             "do not apply")
+        if args.store or args.nodes:
+            _parser().error(f"{args.scenario}: --store and --nodes apply to the chat "
+                            "scenarios")
         api_result = _run_api(args, server_cpus)
         _emit(args, [api_result])
         return 0 if api_result["ok"] else 1
-    tmp = None
-    results: list[dict[str, Any]] = []
+    if args.url and (args.store or args.nodes):
+        _parser().error("--store and --nodes start chatd themselves; not with --url")
     try:
+        variants = [] if args.url else _variants(args, server_cpus)
+    except SetupError as exc:
+        _parser().error(str(exc))
+    tmp = None
+    data_dir = ""
+    results: list[dict[str, Any]] = []
+    engines = Engines()
+    try:
+        users: dict[str, Users] = {}
         if args.url:
-            chatd_users = _external_users(args, phases)
+            users["url"] = _external_users(args, phases)
         else:
             data_dir = args.data_dir or (tmp := tempfile.mkdtemp(prefix="chatd-bench-"))
             need = max(users_needed(o) for o in phases)
             layouts = [lay for o in phases for lay in layouts_for(o)]
-            chatd_users = prepare_chatd(data_dir, need, layouts, log=_log)
+            engines.start(variants, Path(data_dir), server_cpus, args.pg_sync, _log)
+            if any(v.store == "sqlite" for v in variants):
+                users["sqlite"] = prepare_chatd(data_dir, need, layouts, log=_log)
+            if engines.dsn:
+                users["postgres"] = prepare_chatd(Path(data_dir) / "bench-pg", need, layouts,
+                                                  log=_log, store_url=engines.dsn,
+                                                  secret_file=engines.secret_file)
         peers_dir = Path(args.peers_dir) if args.peers_dir else default_peers_dir()
-        counts = _shard_counts(args, server_cpus)
-        chatds = ["chatd"] if len(counts) == 1 else [f"chatd/{n}" for n in counts]
+        chatds = [v.name for v in variants] if variants else ["chatd"]
         for rnd in range(args.rounds):
             for opts in phases:
                 for name in [*chatds, *peers]:
                     tag = (f" M={opts.members}" if opts.scenario == "group" else "") + (
                         f" #{rnd + 1}" if args.rounds > 1 else "")
                     label = f"{name} {opts.scenario}{tag}"
-                    if name.startswith("chatd"):
-                        shards = counts[chatds.index(name)]
-                        results.append(_run_chatd(args, opts, chatd_users, server_cpus, label,
-                                                  tmp or args.data_dir, shards, name))
+                    if args.url and name == "chatd":
+                        results.append(_run_url(args, opts, users["url"], label))
+                    elif name.startswith("chatd"):
+                        v = variants[chatds.index(name)]
+                        results.append(_run_chatd(
+                            args, dataclasses.replace(opts, placement=v.placement),
+                            users[v.store], server_cpus, label, data_dir, v, engines,
+                            f"run{len(results)}"))
+                        results[-1].update(base=v.base, placement=v.placement,
+                                           store=v.store)
                     else:
                         results.append(_run_peer(args, opts, name, server_cpus, label,
                                                  peers_dir))
@@ -183,6 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _emit(args, results)
         return 130
     finally:
+        engines.close()
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
     _emit(args, results)
@@ -201,6 +295,9 @@ def _emit(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
     # with several shard counts the first is the base the others compare with
     base = next((r["target"] for r in results if r["target"].startswith("chatd")), "chatd")
     text = report.ratios(results, base)
+    if text:
+        print("\n" + text)
+    text = report.placement_ratios(results)
     if text:
         print("\n" + text)
     if args.json:
@@ -228,17 +325,53 @@ def _external_users(args: argparse.Namespace, phases: list[Options]) -> Users:
     return users
 
 
+def _counts(text: str, flag: str) -> list[int]:
+    try:
+        counts = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise SetupError(f"{flag}: not a list of numbers: {text!r}") from None
+    if any(n < 1 for n in counts):
+        raise SetupError(f"{flag}: each count must be at least 1")
+    return counts
+
+
 def _shard_counts(args: argparse.Namespace, server_cpus: str | None) -> list[int]:
     """The shard counts to run chatd with (0: chatd's own default)."""
     if args.shards:
-        try:
-            counts = [int(x) for x in args.shards.split(",")]
-        except ValueError:
-            raise SetupError(f"--shards: not a list of numbers: {args.shards!r}") from None
-        if any(n < 1 for n in counts):
-            raise SetupError("--shards: each count must be at least 1")
-        return counts
+        return _counts(args.shards, "--shards")
     return [len(parse_cpus(server_cpus))] if server_cpus else [0]
+
+
+def _variants(args: argparse.Namespace, server_cpus: str | None) -> list[Variant]:
+    """The chatd set-ups to run side by side, named as the report shows them:
+    ``chatd``, ``chatd/2`` (shards), ``chatd/postgres``, ``chatd/n3`` (nodes)."""
+    stores = [x.strip() for x in args.store.split(",")] if args.store else ["sqlite"]
+    for st in stores:
+        if st not in STORES:
+            raise SetupError(f"--store: {st!r} is not one of {', '.join(STORES)}")
+    places = [x.strip() for x in args.placement.split(",")]
+    for pl in places:
+        if pl not in PLACEMENTS:
+            raise SetupError(f"--placement: {pl!r} is not one of {', '.join(PLACEMENTS)}")
+    bases: list[Variant] = []
+    if args.nodes:
+        if args.shards:
+            raise SetupError("--nodes runs every node with one shard: not with --shards")
+        if args.store and stores != ["postgres"]:
+            raise SetupError("--nodes: a cluster's nodes share one PostgreSQL store "
+                             "(--store postgres, or leave --store out)")
+        bases = [Variant(f"chatd/n{n}", "postgres", 1, n)
+                 for n in _counts(args.nodes, "--nodes")]
+    else:
+        counts = _shard_counts(args, server_cpus)
+        for st in stores:
+            for shards in counts:
+                name = "/".join(["chatd", *([st] if stores != ["sqlite"] else []),
+                                 *([str(shards)] if len(counts) > 1 else [])])
+                bases.append(Variant(name, st, shards, 0))
+    return [dataclasses.replace(v, name=v.name + (f"/{pl}" if len(places) > 1 else ""),
+                                placement=pl, base=v.name)
+            for v in bases for pl in places]
 
 
 def _chat_url(url: str) -> str:
@@ -246,34 +379,73 @@ def _chat_url(url: str) -> str:
     return f"{parts.scheme or 'ws'}://{parts.netloc}{parts.path or '/chat'}"
 
 
+def _run_url(args: argparse.Namespace, opts: Options, users: Users,
+             label: str) -> dict[str, Any]:
+    url = _chat_url(args.url)
+    port = urlsplit(url).port or 80
+    pid = args.server_pid or find_listener(port)
+    target = Target("chatd", url, False, pid)
+    if pid:
+        target.alive = ProcTree(pid).alive
+    return run_once(opts, users, target, label, args.quiet)
+
+
 def _run_chatd(args: argparse.Namespace, opts: Options, users: Users, cpus: str | None,
-               label: str, data_dir: str | None, shards: int = 0,
-               name: str = "chatd") -> dict[str, Any]:
-    if args.url:
-        url = _chat_url(args.url)
-        port = urlsplit(url).port or 80
-        pid = args.server_pid or find_listener(port)
-        target = Target("chatd", url, False, pid)
-        if pid:
-            target.alive = ProcTree(pid).alive
-        return run_once(opts, users, target, label, args.quiet)
-    assert data_dir is not None
-    server = ChatdServer(data_dir, cpus, shards=shards)
+               label: str, data_dir: str, variant: Variant, engines: Engines,
+               tag: str) -> dict[str, Any]:
+    if variant.nodes:
+        return _run_cluster(args, opts, users, cpus, label, data_dir, variant, engines, tag)
+    if variant.store == "postgres":
+        assert engines.pg is not None
+        server = ChatdServer(Path(data_dir) / tag, cpus, shards=variant.shards,
+                             store=engines.dsn, secret_file=engines.secret_file)
+        measured = {"postgres": engines.pg.pid}
+    else:
+        server = ChatdServer(data_dir, cpus, shards=variant.shards)
+        measured = {}
     try:
         port = server.wait_ready()
-        target = Target(name, f"ws://127.0.0.1:{port}/chat", False, server.pid,
-                        store_bytes=server.store_bytes,
+        target = Target(variant.name, f"ws://127.0.0.1:{port}/chat", False, server.pid,
+                        store_bytes=server.store_bytes if variant.store == "sqlite" else None,
                         alive=lambda: server.exited() is None,
-                        shard_urls=server.shard_urls())
+                        shard_urls=server.shard_urls(), engines=measured)
         result = run_once(opts, users, target, label, args.quiet)
     finally:
         rc = server.stop()
-    if rc not in (0, None):
-        result.setdefault("warnings", []).append(f"chatd exited with {rc}")
-    crashes = [ln for ln in server.lines if "Traceback" in ln or " ERROR " in ln]
-    if crashes:
-        result.setdefault("warnings", []).append("server logged errors: " + crashes[0])
+    _server_notes(result, [(server.name, rc, server.lines)])
     return result
+
+
+def _run_cluster(args: argparse.Namespace, opts: Options, users: Users, cpus: str | None,
+                 label: str, data_dir: str, variant: Variant, engines: Engines,
+                 tag: str) -> dict[str, Any]:
+    """One run against ``variant.nodes`` fresh nodes on the bench's NATS and PostgreSQL."""
+    assert engines.pg is not None and engines.nats is not None and engines.secret_file
+    cluster = ChatdCluster(data_dir, variant.nodes, engines.dsn, engines.nats.url,
+                           engines.secret_file, cpus, tag=tag)
+    try:
+        cluster.wait_ready()
+        urls = cluster.urls
+        target = Target(variant.name, urls[0], False, cluster.pids[0], alive=cluster.alive,
+                        shard_urls=urls, round_robin=True, pids=cluster.pids,
+                        engines={"nats": engines.nats.pid, "postgres": engines.pg.pid})
+        result = run_once(opts, users, target, label, args.quiet)
+        result["nodes"] = variant.nodes
+    finally:
+        codes = cluster.stop()
+    _server_notes(result, [(n.name, rc, n.lines)
+                           for n, rc in zip(cluster.nodes, codes, strict=True)])
+    return result
+
+
+def _server_notes(result: dict[str, Any], servers: list[tuple[str, int | None, Any]]) -> None:
+    """Warn about a server that exited badly or logged an error."""
+    for name, rc, lines in servers:
+        if rc not in (0, None):
+            result.setdefault("warnings", []).append(f"{name} exited with {rc}")
+        crashes = [ln for ln in lines if "Traceback" in ln or " ERROR " in ln]
+        if crashes:
+            result.setdefault("warnings", []).append(f"{name} logged errors: " + crashes[0])
 
 
 def _run_api(args: argparse.Namespace, cpus: str | None) -> dict[str, Any]:

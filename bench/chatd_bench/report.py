@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
+from collections.abc import Callable
 from statistics import median
 from typing import Any, TextIO
 
@@ -32,9 +34,22 @@ def row(r: dict[str, Any]) -> list[str]:
             "yes" if r["ok"] else "NO"]
 
 
+#: the engines beside chatd (a cluster's, or the PostgreSQL store's): their
+#: CPU per unit gets a column of its own, after chatd's
+ENGINES = (("nats", "nats µs/unit"), ("postgres", "pg µs/unit"))
+
+
 def table(results: list[dict[str, Any]]) -> str:
-    rows = [list(COLUMNS)] + [row(r) for r in results]
-    widths = [max(len(x[i]) for x in rows) for i in range(len(COLUMNS))]
+    engines = [(key, title) for key, title in ENGINES
+               if any(f"{key}_cpu_us_per_unit" in r for r in results)]
+    at = COLUMNS.index("srv µs/unit") + 1
+    columns = [*COLUMNS[:at], *(title for _, title in engines), *COLUMNS[at:]]
+    rows = [columns]
+    for r in results:
+        cells = row(r)
+        extra = [_f(r.get(f"{key}_cpu_us_per_unit"), 1) for key, _ in engines]
+        rows.append([*cells[:at], *extra, *cells[at:]])
+    widths = [max(len(x[i]) for x in rows) for i in range(len(columns))]
     lines = ["  ".join(c.rjust(w) if i > 2 else c.ljust(w) for i, (c, w) in
                        enumerate(zip(x, widths, strict=True))) for x in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -50,34 +65,68 @@ def table(results: list[dict[str, Any]]) -> str:
     return out + ("\n" + "\n".join(notes) if notes else "")
 
 
+#: the figures a ratio line compares
+FIGURES: tuple[tuple[str, Callable[[dict[str, Any]], Any]], ...] = (
+    ("server CPU/unit", lambda r: r.get("server_cpu_us_per_unit")),
+    ("with engines", lambda r: r.get("total_cpu_us_per_unit")),
+    ("throughput", lambda r: r.get("throughput_per_s")),
+    ("p50", lambda r: (r.get("latency_ms") or {}).get("p50")),
+    ("p99", lambda r: (r.get("latency_ms") or {}).get("p99")),
+    ("KiB/conn", lambda r: r.get("rss_kib_per_conn")))
+
+
+def _scenario(r: dict[str, Any]) -> str:
+    """The scenario part of a run's label, without its round (``private``, ``group M=10``)."""
+    tail = r["label"].split(" ", 1)[1] if " " in r["label"] else r["scenario"]
+    return re.sub(r" #\d+$", "", tail)
+
+
+def _compare(mine: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> str:
+    parts = []
+    for name, get in FIGURES:
+        a = [v for v in map(get, mine) if v]
+        b = [v for v in map(get, theirs) if v]
+        if a and b:
+            parts.append(f"{name} x{median(a) / median(b):.2f}")
+    return ", ".join(parts)
+
+
 def ratios(results: list[dict[str, Any]], base: str = "chatd") -> str:
-    """chatd's figures over each peer's (median over rounds), per scenario."""
+    """``base``'s figures over each other target's (median over rounds), per scenario."""
     by: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in results:
-        by[(r["target"], r["label"].split(" ", 1)[1] if " " in r["label"] else r["scenario"])
-           ].append(r)
+        by[(r["target"], _scenario(r))].append(r)
     lines = []
-    figures = (("server CPU/unit", lambda r: r.get("server_cpu_us_per_unit")),
-               ("throughput", lambda r: r.get("throughput_per_s")),
-               ("p50", lambda r: (r.get("latency_ms") or {}).get("p50")),
-               ("p99", lambda r: (r.get("latency_ms") or {}).get("p99")),
-               ("KiB/conn", lambda r: r.get("rss_kib_per_conn")))
     for (target, scen), mine in sorted(by.items()):
         if target != base:
             continue
         for (peer, pscen), theirs in sorted(by.items()):
             if peer == base or pscen != scen:
                 continue
-            parts = []
-            for name, get in figures:
-                a = [v for v in map(get, mine) if v]
-                b = [v for v in map(get, theirs) if v]
-                if a and b:
-                    parts.append(f"{name} x{median(a) / median(b):.2f}")
-            lines.append(f"{scen}: {base} / {peer}: " + ", ".join(parts))
+            lines.append(f"{scen}: {base} / {peer}: " + _compare(mine, theirs))
     if lines:
         lines.insert(0, f"ratios ({base} / the others; CPU, latency and KiB: lower is better "
                         "for chatd, throughput: higher):")
+    return "\n".join(lines)
+
+
+def placement_ratios(results: list[dict[str, Any]]) -> str:
+    """Cross over same placement of each set-up (median over rounds), per
+    scenario: what crossing shards or nodes costs (e.g. ``chatd/n2/cross /
+    chatd/n2/same``)."""
+    by: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in results:
+        if r.get("base") and r.get("placement") in ("same", "cross"):
+            by[(r["base"], _scenario(r), r["placement"])].append(r)
+    lines = []
+    for (base, scen, place), cross in sorted(by.items()):
+        same = by.get((base, scen, "same"))
+        if place != "cross" or not same:
+            continue
+        lines.append(f"{scen}: {cross[0]['target']} / {same[0]['target']}: "
+                     + _compare(cross, same))
+    if lines:
+        lines.insert(0, "cross / same placement (CPU and latency: the cost of crossing):")
     return "\n".join(lines)
 
 

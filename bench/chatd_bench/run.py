@@ -75,25 +75,46 @@ class Target:
     pid: int | None = None
     store_bytes: Callable[[], int] | None = None
     alive: Callable[[], bool] | None = None
-    #: each shard's own url (chatd's shard_base_port), for ``placement``
+    #: each shard's own url (chatd's shard_base_port), or each node's of a
+    #: cluster: the slots ``placement`` puts users in
     shard_urls: list[str] | None = None
+    #: the slots share no port the kernel spreads users over (a cluster's
+    #: nodes): ``kernel`` placement deals users round-robin over them instead
+    round_robin: bool = False
+    #: every chatd process tree the server figures sum over (default: ``pid``'s)
+    pids: list[int] | None = None
+    #: the engines beside chatd, measured apart: name -> root pid of its tree
+    #: (``nats``: nats-server; ``postgres``: the postmaster and its backends)
+    engines: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def placement_urls(opts: Options, n: int, target: Target, plan: Plan) -> list[str] | None:
-    """The url each user connects to, by ``opts.placement`` (None: the target's)."""
+    """The url each user connects to, by ``opts.placement`` (None: the target's).
+
+    ``same``: a private pair, or a group's members, in one slot; ``cross``: a
+    pair's sender in slot k and receiver in slot k+1 (every private message
+    crosses), a group's members dealt over the slots; ``kernel``: the target's
+    one url (SO_REUSEPORT spreads them), or where the slots share no port
+    (``round_robin``: a cluster's nodes) users dealt over them round-robin, a
+    group's members as with ``cross``.
+    """
     shards = target.shard_urls
-    if opts.placement == "kernel" or not shards:
+    if not shards or (opts.placement == "kernel" and not target.round_robin):
         return None
     k = len(shards)
+    # round-robin by user index; mixed, soak and connect keep it
     where = [i % k for i in range(n)]
-    if opts.scenario == "private":
+    if opts.scenario == "private" and opts.placement != "kernel":
         for pair, (s, r) in enumerate(pairs(n)):
             where[s] = pair % k
             where[r] = (pair + (1 if opts.placement == "cross" else 0)) % k
-    elif opts.scenario == "group" and opts.placement == "same":
+    elif opts.scenario == "group":
         for g in range(len(plan.gids)):
-            for i in plan.members(g):
-                where[i] = g % k
+            # cross: deal each group's members over the slots by their place in
+            # the group (by user index, group g's members g, g+G, ... would all
+            # land on one slot whenever G and the slot count share a factor)
+            for j, i in enumerate(plan.members(g)):
+                where[i] = g % k if opts.placement == "same" else (g + j) % k
     return [shards[w] for w in where]
 
 
@@ -193,20 +214,43 @@ def check_fd_limits(specs: list[dict[str, Any]], server_pid: int | None) -> None
                 f"were asked for; raise its LimitNOFILE / ulimit -n or ask for fewer")
 
 
+class _Trees:
+    """Several process trees summed (a cluster's nodes)."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.trees = [ProcTree(pid) for pid in pids]
+
+    def cpu_s(self) -> float:
+        return sum(t.cpu_s() for t in self.trees)
+
+    def rss(self) -> int:
+        return sum(t.rss() for t in self.trees)
+
+    def fds(self) -> int:
+        return sum(t.fds() for t in self.trees)
+
+
 class _Sampler:
     def __init__(self, target: Target) -> None:
-        self.tree = ProcTree(target.pid) if target.pid else None
+        pids = target.pids or ([target.pid] if target.pid else [])
+        self.tree = _Trees(pids) if pids else None
+        self.engines = {name: ProcTree(pid) for name, pid in target.engines.items()}
         self.target = target
         self.series: list[dict[str, Any]] = []
         self.t0 = time.monotonic()
         self._last_t = self.t0
         self._last_cpu = self.cpu()
+        self._last_engines = self.engines_cpu()
         self._last_delivered = 0
         self._last_sent = 0
         self._last_client = 0.0
 
     def cpu(self) -> float:
         return self.tree.cpu_s() if self.tree else 0.0
+
+    def engines_cpu(self) -> dict[str, float]:
+        """CPU seconds so far of each engine's process tree."""
+        return {name: tree.cpu_s() for name, tree in self.engines.items()}
 
     def rss(self) -> int:
         return self.tree.rss() if self.tree else 0
@@ -234,6 +278,10 @@ class _Sampler:
         }
         if self.target.store_bytes:
             row["store_mib"] = self.target.store_bytes() / 2**20
+        engines = self.engines_cpu()
+        for name, spent in engines.items():
+            row[f"{name}_cpu_pct"] = 100 * (spent - self._last_engines[name]) / dt
+        self._last_engines = engines
         self._last_t, self._last_cpu = now, cpu
         self._last_delivered, self._last_sent, self._last_client = (
             tally.delivered, tally.sent, client)
@@ -248,7 +296,10 @@ def _progress(label: str, row: dict[str, Any], quiet: bool) -> None:
             f"sent {row['sent']:>9} deliv {row['delivered']:>9} "
             f"{row['delivered_per_s']:>9.0f}/s p50 {row['p50_ms']:7.2f}ms "
             f"p99 {row['p99_ms']:7.2f}ms srv {row['server_cpu_pct']:4.0f}% "
-            f"cli {row['client_cpu_pct']:4.0f}%  ")
+            f"cli {row['client_cpu_pct']:4.0f}%"
+            + "".join(f" {name[:4]} {row[f'{name}_cpu_pct']:3.0f}%"
+                      for name in ("nats", "postgres") if f"{name}_cpu_pct" in row)
+            + "  ")
     sys.stderr.write(line)
     sys.stderr.flush()
 
@@ -333,12 +384,14 @@ def _drive(opts: Options, plan: Plan, specs: list[dict[str, Any]], target: Targe
     n_conns = sum(len(s["mine"]) for s in specs)
     t_conn = time.monotonic_ns() + 200_000_000
     cpu_c0 = sampler.cpu()
+    eng_c0 = sampler.engines_cpu()
     w0 = time.monotonic()
     for p in pipes:
         p.send(("connect", t_conn))
     connected = _recv_all(pipes, "connected", 120 + n_conns / 200, idle=idle)
     ramp_s = time.monotonic() - w0 - 0.2
     cpu_c1 = sampler.cpu()
+    eng_c1 = sampler.engines_cpu()
     rss1 = sampler.rss()
     hs = Histogram()
     conn_tally = Tally()
@@ -355,6 +408,10 @@ def _drive(opts: Options, plan: Plan, specs: list[dict[str, Any]], target: Targe
         "rss_kib_per_conn": (rss1 - rss0) / 1024 / ok_conns if ok_conns and rss0 else None,
         "server_rss_mib": rss1 / 2**20,
     }
+    placed = specs[0].get("urls")
+    if placed and target.shard_urls:
+        # where placement put the users: connections planned per shard or node
+        result["conns_per_slot"] = [placed.count(u) for u in target.shard_urls]
     if opts.scenario == "connect":
         ramp_s = max(ramp_s, 1e-3)
         # each load process's own CPU over the ramp: was the generator the limit?
@@ -362,6 +419,7 @@ def _drive(opts: Options, plan: Plan, specs: list[dict[str, Any]], target: Targe
         result.update(unit="handshake", units=ok_conns, duration_s=ramp_s,
                       throughput_per_s=ok_conns / ramp_s,
                       server_cpu_s=cpu_c1 - cpu_c0,
+                      engines_cpu_s={k: eng_c1[k] - eng_c0[k] for k in eng_c1},
                       client_cpu_s=sum(ramp_cpu),
                       client_util_max=max(ramp_cpu, default=0.0) / ramp_s,
                       latency_ms=hs.summary_ms())
@@ -402,11 +460,13 @@ def _drive(opts: Options, plan: Plan, specs: list[dict[str, Any]], target: Targe
             idle()
 
         cpu0 = sampler.cpu()
+        eng0 = sampler.engines_cpu()
         store0 = target.store_bytes() if target.store_bytes else 0
         # the measured window
         while time.monotonic_ns() < t_stop:
             pump(min(0.05, max(0, (t_stop - time.monotonic_ns()) / 1e9)))
         cpu1 = sampler.cpu()
+        eng1 = sampler.engines_cpu()
         window_s = opts.duration_s
         # the drain: until every expected copy (and ack) is in, or drain_s
         drain_end = time.monotonic() + opts.drain_s
@@ -445,6 +505,7 @@ def _drive(opts: Options, plan: Plan, specs: list[dict[str, Any]], target: Targe
             throughput_per_s=units / window_s,
             deliveries_per_s=delivered_w / window_s, messages_per_s=sent_w / window_s,
             server_cpu_s=server_cpu,
+            engines_cpu_s={k: eng1[k] - eng0[k] for k in eng1},
             latency_ms=lat.summary_ms(), ack_latency_ms=ack_lat.summary_ms(),
             client_cpu_s=client_cpu, client_util_max=client_max,
         )
@@ -465,14 +526,29 @@ def _drive(opts: Options, plan: Plan, specs: list[dict[str, Any]], target: Targe
         1e6 * result["server_cpu_s"] / result["units"] if result["units"] and target.pid
         else None)
     result["server_util"] = result["server_cpu_s"] / max(1e-9, result["duration_s"])
+    # the engines (nats-server, PostgreSQL) apart from chatd, per unit too; and
+    # everything the server side spent, which decides who was the limit
+    engines_s = result["engines_cpu_s"]
+    for name, spent in engines_s.items():
+        result[f"{name}_cpu_s"] = spent
+        result[f"{name}_cpu_us_per_unit"] = (1e6 * spent / result["units"]
+                                             if result["units"] else None)
+    # (without engines: the server's own; SQLite works inside chatd's processes,
+    # so this is the figure that compares the stores)
+    total = result["server_cpu_s"] + sum(engines_s.values())
+    result["total_cpu_us_per_unit"] = (1e6 * total / result["units"]
+                                       if result["units"] and target.pid else None)
+    side_util = (result["server_cpu_s"] + sum(engines_s.values())) / max(
+        1e-9, result["duration_s"])
+    result["server_side_util"] = side_util
     if client_cpu is not None:
         result["client_bound"] = (result.get("client_util_max", 0) >= CLIENT_BUSY
-                                  and result["server_util"] < CLIENT_BUSY)
+                                  and side_util < CLIENT_BUSY)
         if result["client_bound"]:
             result.setdefault("warnings", []).append(
                 f"the load generator was the limit (a load process at "
-                f"{100 * result['client_util_max']:.0f}% CPU, server at "
-                f"{100 * result['server_util']:.0f}%): throughput is a lower bound; "
+                f"{100 * result['client_util_max']:.0f}% CPU, server side at "
+                f"{100 * side_util:.0f}%): throughput is a lower bound; "
                 "compare server CPU per unit")
     if not target.pid:
         result.setdefault("warnings", []).append(

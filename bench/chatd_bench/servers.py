@@ -128,7 +128,8 @@ def free_port_range(n: int) -> int:
     raise ServerError(f"no {n} consecutive free ports")
 
 
-def _taskset(cpus: str | None) -> list[str]:
+def taskset(cpus: str | None) -> list[str]:
+    """The ``taskset -c CPUS`` prefix of a command (nothing when ``cpus`` is None)."""
     if not cpus:
         return []
     if shutil.which("taskset") is None:
@@ -202,10 +203,15 @@ class ChatdServer(_Child):
     name = "chatd"
 
     def __init__(self, data_dir: str | Path, cpus: str | None = None,
-                 extra_env: dict[str, str] | None = None, shards: int = 0) -> None:
+                 extra_env: dict[str, str] | None = None, shards: int = 0,
+                 store: str = "", bus: str = "", node_id: str = "",
+                 secret_file: str | Path | None = None) -> None:
         super().__init__()
         self.data_dir = Path(data_dir)
         self.shards = shards
+        self.store = store
+        if node_id:
+            self.name = f"chatd node {node_id}"
         #: shard i also listens alone on shard_base_port + i (for placement)
         self.shard_base_port = free_port_range(shards) if shards > 1 else 0
         # every bench client comes from 127.0.0.1: no limit per address
@@ -213,10 +219,17 @@ class ChatdServer(_Child):
                "CHATD_MAX_CONNS_PER_IP": "0", **(extra_env or {})}
         if self.shard_base_port:
             env["CHATD_SHARD_BASE_PORT"] = str(self.shard_base_port)
-        argv = [*_taskset(cpus), sys.executable, "-m", "chatd", "serve", "--host", "127.0.0.1",
+        argv = [*taskset(cpus), sys.executable, "-m", "chatd", "serve", "--host", "127.0.0.1",
                 "--chat-port", "0", "--api-port", "0", "--data-dir", str(self.data_dir)]
         if shards:
             argv += ["--shards", str(shards)]
+        if store:
+            argv += ["--store", store]
+        if bus:
+            argv += ["--bus", bus, "--node-id", node_id]
+        if secret_file:
+            # the nodes of a cluster sign and check tokens with one secret
+            env["CHATD_SECRET_FILE"] = str(secret_file)
         self._spawn(argv, env)
 
     def shard_urls(self) -> list[str] | None:
@@ -238,11 +251,61 @@ class ChatdServer(_Child):
         return self.port
 
     def store_bytes(self) -> int:
+        """Bytes of the SQLite file with its WAL (0 on another store)."""
+        if self.store and not self.store.startswith("sqlite:"):
+            return 0
         total = 0
         for suffix in ("", "-wal", "-shm"):
             with contextlib.suppress(OSError):
                 total += (self.data_dir / f"chatd.db{suffix}").stat().st_size
         return total
+
+
+class ChatdCluster:
+    """``n`` chatd nodes (``chatd serve --shards 1``) on one PostgreSQL store and
+    one NATS bus, each in a data folder of its own under ``folder`` and each
+    pinned to ``cpus``; ``urls`` are their chat urls (the slots of placement)."""
+
+    def __init__(self, folder: str | Path, n: int, store: str, bus: str,
+                 secret_file: str | Path, cpus: str | None = None, tag: str = "n") -> None:
+        self.nodes: list[ChatdServer] = []
+        try:
+            for i in range(n):
+                self.nodes.append(ChatdServer(Path(folder) / f"{tag}-{i}", cpus, shards=1,
+                                              store=store, bus=bus, node_id=f"{tag}-{i}",
+                                              secret_file=secret_file))
+        except BaseException:
+            self.stop()
+            raise
+
+    def wait_ready(self, timeout_s: float = 60.0) -> list[int]:
+        """Every node's chat port, once each is listening."""
+        return [node.wait_ready(timeout_s) for node in self.nodes]
+
+    @property
+    def pids(self) -> list[int]:
+        return [node.pid for node in self.nodes]
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"ws://127.0.0.1:{node.port}/chat" for node in self.nodes]
+
+    def alive(self) -> bool:
+        return all(node.exited() is None for node in self.nodes)
+
+    def stop(self, timeout_s: float = 15.0) -> list[int | None]:
+        """SIGTERM to every node at once, then wait for each; their exit statuses."""
+        running = [n.proc for n in self.nodes if n.proc is not None and n.proc.poll() is None]
+        for proc in running:
+            proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for proc in running:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return [None if n.proc is None else n.proc.returncode for n in self.nodes]
 
 
 def prepare_node_peer(peers_dir: Path, log: object = print) -> Path:
@@ -285,13 +348,13 @@ class PeerServer(_Child):
         env = {**os.environ, "PORT": str(self.port), "GROUPS": str(max(1, groups))}
         if kind == "node":
             where = prepare_node_peer(peers_dir)
-            argv = [*_taskset(cpus), "node", str(where / PEER_FILES[kind])]
+            argv = [*taskset(cpus), "node", str(where / PEER_FILES[kind])]
             self._spawn(argv, env, cwd=str(where))
         else:
             path = peers_dir / PEER_FILES[kind]
             if not path.exists():
                 raise ServerError(f"peer relay {path} not found (set CHATD_BENCH_PEERS)")
-            self._spawn([*_taskset(cpus), sys.executable, str(path)], env)
+            self._spawn([*taskset(cpus), sys.executable, str(path)], env)
 
     def wait_ready(self, timeout_s: float = 30.0) -> int:
         self._wait_line(f":{self.port}", timeout_s)

@@ -1,7 +1,8 @@
 """Users, groups and tokens for a run, made through chatd's own Python API.
 
 One CLI process per user is far too slow for 10,000 users, so the bench opens
-the node's store with ``chatd.store.Store`` and signs tokens with
+the node's store through chatd's ``Store`` interface (SQLite in the data
+folder, or the PostgreSQL database it runs chatd on) and signs tokens with
 ``chatd.auth`` (one password hash for every bench user). What it made is
 remembered in ``bench-users.json`` in the data folder, so later runs (and
 ``--url`` runs against a server on that folder) reuse it; ``--users-file``
@@ -72,16 +73,24 @@ def load_users_file(path: str | Path) -> Users:
 
 
 async def _prepare(data_dir: Path, users: int, layouts: list[tuple[int, int]],
-                   log: Any) -> Users:
+                   log: Any, store_url: str, secret_file: Path | None) -> Users:
     from chatd import auth
-    from chatd.store import open_store
+    from chatd.store import Store, open_store
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    manifest = data_dir / MANIFEST
-    known = Users.from_json(json.loads(manifest.read_text())) if manifest.exists() else None
+    # a PostgreSQL database is the bench's own, fresh each run: nothing to reuse
+    manifest = data_dir / MANIFEST if not store_url else None
+    known = (Users.from_json(json.loads(manifest.read_text()))
+             if manifest and manifest.exists() else None)
     uids = list(known.uids) if known else []
     groups = dict(known.groups) if known else {}
-    store = await open_store(data_dir / "chatd.db")
+    store: Store
+    if store_url:
+        from chatd.store.postgres import PostgresStore
+
+        store = await PostgresStore.open(store_url)  # creates the schema
+    else:
+        store = await open_store(data_dir / "chatd.db")
     try:
         if len(uids) < users:
             t0 = time.monotonic()
@@ -108,15 +117,38 @@ async def _prepare(data_dir: Path, users: int, layouts: list[tuple[int, int]],
         versions = await store.token_versions()
     finally:
         await store.close()
-    secret = auth.load_or_create_secret(data_dir)
+    secret = (auth.read_secret(secret_file) if secret_file
+              else auth.load_or_create_secret(data_dir))
     tokens = [auth.issue_token(secret, uid, versions.get(uid, 0), TOKEN_TTL_S) for uid in uids]
     out = Users(uids, tokens, groups)
-    manifest.write_text(json.dumps({"uids": uids, "groups": groups}))
+    if manifest:
+        manifest.write_text(json.dumps({"uids": uids, "groups": groups}))
     return out
 
 
 def prepare_chatd(data_dir: str | Path, users: int, layouts: list[tuple[int, int]],
-                  log: Any = print) -> Users:
-    """Make sure ``data_dir`` holds ``users`` bench users and the group
-    ``layouts`` (G, L); return their ids and fresh tokens."""
-    return asyncio.run(_prepare(Path(data_dir), users, layouts, log))
+                  log: Any = print, store_url: str = "",
+                  secret_file: str | Path | None = None) -> Users:
+    """Make sure the store holds ``users`` bench users and the group ``layouts``
+    (G, L); return their ids and fresh tokens.
+
+    The store is SQLite in ``data_dir`` (what was made is remembered there and
+    reused), or with ``store_url`` a PostgreSQL database (through chatd's
+    ``PostgresStore``, the same interface), which the bench makes fresh for
+    each invocation. Tokens are signed with ``secret_file`` when given (the
+    secret every node of a cluster shares), else with ``data_dir/secret``.
+    """
+    return asyncio.run(_prepare(Path(data_dir), users, layouts, log, store_url,
+                                Path(secret_file) if secret_file else None))
+
+
+def make_secret_file(path: str | Path) -> Path:
+    """A new 32-byte token secret at ``path`` (mode 0600), for ``CHATD_SECRET_FILE``."""
+    import os
+    import secrets
+
+    path = Path(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(secrets.token_bytes(32))
+    return path

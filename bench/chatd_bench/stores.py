@@ -13,8 +13,9 @@ included) plus, for PostgreSQL, the server's processes (the postmaster and
 all its children, via psutil) — commits/s, messages/s, and p50/p99 of one
 ``append`` call.
 
-PostgreSQL: without ``--dsn`` the bench runs a throwaway cluster (Debian's
-``initdb`` / ``pg_ctl`` as the ``postgres`` user, in a temp folder, with
+PostgreSQL: without ``--dsn`` the bench runs a throwaway cluster
+(``chatd_bench.engines.Postgres``: Debian's ``initdb`` / ``pg_ctl`` as the
+``postgres`` user, in a temp folder, with
 ``fsync=on`` and ``synchronous_commit`` = ``--pg-sync``); with ``--dsn`` it
 uses that server (each run in a new database it creates and drops) and
 counts the server's CPU only when ``--pg-pid`` names its postmaster.
@@ -29,12 +30,9 @@ PostgreSQL's ``synchronous_commit=on`` does: compare like with like
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import random
 import shutil
-import socket
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -46,63 +44,9 @@ import uvloop
 from chatd.store.postgres import PostgresStore
 from chatd.store.sqlite import SqliteStore
 from chatd.wire import Message
+from chatd_bench.engines import Postgres
 
 CONTENT = "x" * 100
-
-
-class _Cluster:
-    """A throwaway PostgreSQL cluster (what tests/pg_helpers.py does for the tests)."""
-
-    def __init__(self, sync: str) -> None:
-        found = sorted(
-            glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-            key=lambda p: int(p.split("/")[4].split(".")[0]),
-        )
-        initdb = found[-1] if found else shutil.which("initdb")
-        if initdb is None:
-            raise SystemExit("PostgreSQL is not installed: apt-get install -y postgresql")
-        self.bindir = Path(initdb).parent
-        self.root = Path(tempfile.mkdtemp(prefix="chatd-bench-pg-"))
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        if os.geteuid() == 0:
-            shutil.chown(self.root, "postgres", "postgres")
-        self._run(
-            "initdb",
-            "-D",
-            str(self.root / "data"),
-            "-U",
-            "postgres",
-            "--auth=trust",
-            "--no-locale",
-            "-E",
-            "UTF8",
-        )
-        with open(self.root / "data" / "postgresql.conf", "a") as conf:
-            conf.write(
-                f"port = {self.port}\nlisten_addresses = '127.0.0.1'\n"
-                f"unix_socket_directories = '{self.root}'\nfsync = on\n"
-                f"synchronous_commit = {sync}\n"
-            )
-        self._run(
-            "pg_ctl", "-D", str(self.root / "data"), "-l", str(self.root / "log"), "-w", "start"
-        )
-        pid_line = (self.root / "data" / "postmaster.pid").read_text().splitlines()[0]
-        self.pid = int(pid_line)
-        self.dsn_base = f"postgresql://postgres@127.0.0.1:{self.port}"
-
-    def _run(self, tool: str, *args: str) -> None:
-        cmd = [str(self.bindir / tool), *args]
-        if os.geteuid() == 0:
-            cmd = ["runuser", "-u", "postgres", "--", *cmd]
-        subprocess.run(cmd, check=True, capture_output=True, cwd=self.root)
-
-    def close(self) -> None:
-        try:
-            self._run("pg_ctl", "-D", str(self.root / "data"), "-m", "immediate", "stop")
-        finally:
-            shutil.rmtree(self.root, ignore_errors=True)
 
 
 def _cpu_snapshot(pid: int | None) -> dict[int, tuple[psutil.Process, float]]:
@@ -170,7 +114,7 @@ async def _main(args: argparse.Namespace) -> None:
     cluster = None
     server_pid = args.pg_pid
     if args.engine == "postgres" and args.dsn is None:
-        cluster = _Cluster(args.pg_sync)
+        cluster = Postgres(sync=args.pg_sync)
         server_pid = cluster.pid
     try:
         print(
@@ -192,7 +136,7 @@ async def _main(args: argparse.Namespace) -> None:
                     folder / "chatd.db", synchronous=args.sqlite_sync
                 )
             else:
-                base = args.dsn or (cluster.dsn_base + "/postgres" if cluster else "")
+                base = args.dsn or (cluster.dsn() if cluster else "")
                 admin = await _admin(base)
                 db = f"chatd_bench_{os.getpid()}_{k}"
                 await admin.execute(f"CREATE DATABASE {db}")

@@ -1,6 +1,7 @@
 """Every bench scenario end to end against a real chatd, tiny sizes: nothing
 may be lost, duplicated or misrouted. No timing is asserted (STYLE: benchmarks
-are not tests); this checks that the harness and the server agree."""
+are not tests); this checks that the harness and the server agree, on one
+node with SQLite or PostgreSQL and on a cluster of two nodes."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+from chatd_bench.plan import Plan, pairs
+from chatd_bench.run import Options, Target, placement_urls
 
 UNIT = float(os.environ.get("CHATD_TEST_UNIT", "1.0"))
 
@@ -79,3 +83,65 @@ async def test_url_points_the_bench_at_a_running_server(tmp_path: Path) -> None:
         assert result["server_cpu_us_per_unit"] > 0  # measured through --server-pid
     finally:
         server.kill()
+
+
+def _bench(tmp_path: Path, *args: str) -> list[dict[str, Any]]:
+    """Run the bench (private, 4 pairs, a 1 s window); its JSON lines, once it
+    exited 0 (every run clean)."""
+    out = tmp_path / "out.jsonl"
+    argv = [sys.executable, "-m", "chatd_bench.cli", "private", "--users", "8",
+            "--window", "4", "--duration", "1", "--drain", str(5 * UNIT), "--quiet",
+            "--data-dir", str(tmp_path / "data"), "--json", str(out), *args]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120 * UNIT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    for r in results:
+        t = r["tally"]
+        assert r["ok"] and r["problems"] == [], r["problems"]
+        assert t["sent"] > 0 and t["acked"] == t["sent"]
+        assert t["delivered"] == t["expected"] > 0
+        assert t["dups"] == t["misroutes"] == t["errors"] == 0
+    return results
+
+
+@pytest.mark.slow
+def test_cluster_of_two_nodes_runs_clean_across_nodes(tmp_path: Path) -> None:
+    [r] = _bench(tmp_path, "--nodes", "2", "--placement", "cross")
+    assert (r["target"], r["nodes"], r["placement"], r["store"]) == (
+        "chatd/n2", 2, "cross", "postgres")
+    assert r["conns_per_slot"] == [4, 4]  # every pair split over both nodes
+    # chatd's CPU over both nodes, and the engines' beside it
+    assert r["server_cpu_us_per_unit"] > 0
+    assert r["nats_cpu_s"] > 0 and r["postgres_cpu_s"] > 0
+
+
+@pytest.mark.slow
+def test_postgres_store_runs_clean(tmp_path: Path) -> None:
+    [r] = _bench(tmp_path, "--store", "postgres")
+    assert (r["target"], r["store"]) == ("chatd/postgres", "postgres")
+    assert r["postgres_cpu_s"] > 0 and "nats_cpu_s" not in r
+
+
+def _placed(placement: str, scenario: str, n: int, groups: int = 0) -> list[int]:
+    """The slot each user gets on a 2-node cluster, by ``placement_urls``."""
+    slots = ["ws://a/chat", "ws://b/chat"]
+    target = Target("chatd/n2", slots[0], False, shard_urls=slots, round_robin=True)
+    plan = Plan(uids=list(range(n)), gids=list(range(groups)), group_limit=n if groups else 0)
+    urls = placement_urls(Options(scenario, users=n, placement=placement), n, target, plan)
+    assert urls is not None
+    return [slots.index(u) for u in urls]
+
+
+def test_placement_puts_pairs_and_groups_where_asked() -> None:
+    cross = _placed("cross", "private", 8)
+    assert all(cross[s] != cross[r] for s, r in pairs(8))
+    same = _placed("same", "private", 8)
+    assert all(same[s] == same[r] for s, r in pairs(8)) and set(same) == {0, 1}
+    # two groups on two nodes: each group's members over both (by user index
+    # alone, group 0 = users 0, 2, 4 ... would all sit on node 0)
+    for placement in ("cross", "kernel"):
+        where = _placed(placement, "group", 12, groups=2)
+        for g in range(2):
+            assert {where[i] for i in range(g, 12, 2)} == {0, 1}, placement
+    where = _placed("same", "group", 12, groups=2)
+    assert [{where[i] for i in range(g, 12, 2)} for g in range(2)] == [{0}, {1}]
