@@ -34,7 +34,7 @@ from hypothesis.stateful import (
 
 from chatd.log import chain as chain_module
 from chatd.log.chain import MAX_PENDING_UNITS, Chain, Unit
-from chatd.store import BROADCAST, EV_JOIN, EV_LEAVE, SYSTEM_USER, Event
+from chatd.store import BROADCAST, EVENT_JOIN, EVENT_LEAVE, SYSTEM_USER, Event
 from chatd.wire import CMD_GROUP, CMD_PRIVATE, Message
 
 Row = Message | Event
@@ -92,16 +92,16 @@ def test_units_are_released_in_position_order_only() -> None:
 
 def test_a_repeated_header_changes_nothing() -> None:
     chain = make_chain(10)
-    chain.header(10, 12, events=[Event(12, EV_JOIN, 1, 2)])
-    chain.header(10, 15, events=[Event(15, EV_LEAVE, 1, 2)])  # a lie: the first one stands
+    chain.header(10, 12, events=[Event(12, EVENT_JOIN, 1, 2)])
+    chain.header(10, 15, events=[Event(15, EVENT_LEAVE, 1, 2)])  # a lie: the first one stands
     (unit,) = drain(chain)
     assert (unit.prev, unit.last) == (10, 12)
-    assert unit.rows() == [Event(12, EV_JOIN, 1, 2)]
+    assert unit.rows() == [Event(12, EVENT_JOIN, 1, 2)]
 
 
 def test_a_header_with_no_payload_this_node_needs_releases_at_once() -> None:
     chain = make_chain(10, users={1}, groups={1})
-    join = Event(13, EV_JOIN, 7, 3)
+    join = Event(13, EVENT_JOIN, 7, 3)
     chain.header(10, 13, users=[5, 6], groups=[2], events=[join], everyone=[bm(12)])
     (unit,) = drain(chain)
     assert (unit.prev, unit.last) == (10, 13)
@@ -141,7 +141,7 @@ def test_a_unit_blocked_on_a_payload_is_filled_by_a_store_read() -> None:
     chain.header(10, 14, users=[5])
     assert chain.blocked() == ("payload", 10, 14)
     assert chain.gap_end(14) == 14  # the caller reads just that unit
-    rows: list[Row] = [pm(11, 5, 6), Event(13, EV_JOIN, 5, 1), pm(14, 2, 5)]
+    rows: list[Row] = [pm(11, 5, 6), Event(13, EVENT_JOIN, 5, 1), pm(14, 2, 5)]
     assert chain.stored(10, 14, rows) == []
     (unit,) = drain(chain)
     assert (unit.prev, unit.last) == (10, 14)
@@ -227,7 +227,7 @@ def test_a_store_read_replaces_what_was_known_inside_its_range() -> None:
     chain.payload(12, "u", 5, [pm(13, 5, 6)])
     chain.header(14, 16, users=[6])
     chain.own(16, 18, "ours", [pm(17, 1, 2)])
-    truth: list[Row] = [pm(11, 5, 1), pm(13, 5, 6), Event(15, EV_JOIN, 6, 1)]
+    truth: list[Row] = [pm(11, 5, 1), pm(13, 5, 6), Event(15, EVENT_JOIN, 6, 1)]
     assert chain.stored(10, 16, truth) == []
     assert len(chain) == 2  # the read, and the own unit above it
     first, second = drain(chain)
@@ -240,9 +240,9 @@ def test_a_store_read_replaces_what_was_known_inside_its_range() -> None:
 def test_a_store_read_over_own_units_returns_them() -> None:
     chain = make_chain(10)
     chain.own(12, 14, "first", [pm(13, 1, 2)])
-    chain.own(14, 15, "second", events=[Event(15, EV_JOIN, 1, 2)])
+    chain.own(14, 15, "second", events=[Event(15, EVENT_JOIN, 1, 2)])
     chain.own(15, 16, "third", [pm(16, 1, 2)])
-    replaced = chain.stored(10, 15, [pm(11, 3, 4), pm(13, 1, 2), Event(15, EV_JOIN, 1, 2)])
+    replaced = chain.stored(10, 15, [pm(11, 3, 4), pm(13, 1, 2), Event(15, EVENT_JOIN, 1, 2)])
     assert sorted(replaced) == ["first", "second"]
     out = drain(chain)
     assert spans(out) == [(10, 15), (15, 16)]
@@ -254,7 +254,7 @@ def test_a_read_that_ends_after_the_release_point_moved_keeps_what_lies_above() 
     chain.header(10, 12)
     drain(chain)
     assert chain.w == 12
-    rows: list[Row] = [pm(11, 1, 2), pm(12, 1, 2), pm(13, 1, 2), Event(15, EV_LEAVE, 1, 2)]
+    rows: list[Row] = [pm(11, 1, 2), pm(12, 1, 2), pm(13, 1, 2), Event(15, EVENT_LEAVE, 1, 2)]
     assert chain.stored(10, 15, rows) == []
     (unit,) = drain(chain)
     assert (unit.prev, unit.last) == (12, 15)
@@ -387,9 +387,9 @@ def test_own_units_are_complete() -> None:
     assert unit.complete
     assert unit.own == ("batch", "outcomes")
     assert unit.rows() == msgs
-    assert chain.own(13, 14, "events", events=[Event(14, EV_JOIN, 1, 2)]) is True
+    assert chain.own(13, 14, "events", events=[Event(14, EVENT_JOIN, 1, 2)]) is True
     (unit,) = drain(chain)
-    assert unit.rows() == [Event(14, EV_JOIN, 1, 2)]
+    assert unit.rows() == [Event(14, EVENT_JOIN, 1, 2)]
 
 
 def test_an_own_unit_waits_for_the_units_below_it() -> None:
@@ -518,7 +518,7 @@ def histories(draw: st.DrawFn) -> History:
         if draw(st.integers(0, 4)) == 0:
             # a routing change is a unit of its own
             span = draw(st.integers(1, 2))
-            kind = draw(st.sampled_from([EV_JOIN, EV_LEAVE]))
+            kind = draw(st.sampled_from([EVENT_JOIN, EVENT_LEAVE]))
             rows = [
                 Event(pos + span, kind, draw(st.sampled_from(USERS)), draw(st.sampled_from(GROUPS)))
             ]
@@ -609,7 +609,7 @@ class ChainMachine(RuleBasedStateMachine):
                     self.changing_presence(partial(self.apply, row))
 
     def apply(self, event: Event) -> None:
-        if event.kind == EV_JOIN:
+        if event.kind == EVENT_JOIN:
             self.members[event.uid].add(event.gid)
         else:
             self.members[event.uid].discard(event.gid)

@@ -169,9 +169,10 @@ class Chain:
             events: Iterable[Event] = ()) -> bool:
         """This node committed ``(prev, last]``; ``own`` is what its log routes.
 
-        False if the unit is already behind the release point (a store read
-        covered it: the caller must not lose what ``own`` answers)."""
-        if last <= self.w:
+        False if the release point is past the unit's start (a store read
+        covered it, or part of it: the caller must not lose what ``own``
+        answers)."""
+        if prev < self.w:
             return False
         unit = self._units.get(prev)
         if unit is None:
