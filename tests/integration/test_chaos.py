@@ -1,10 +1,12 @@
 """A chaos soak: mixed load on a real two-shard node while faults are injected
 one after another — kill -9 of a shard, kill -9 of the log process, a slow
-consumer, a flood, a full disk for a few seconds. Afterwards every acked
+consumer, a flood, a full disk for a few seconds, kill -9 of the whole node
+and a restart at once. Afterwards every acked
 message is in the store exactly once, and every device's view after a final
 resume equals the store's view of its user. The counts are printed:
 
     scripts/test tests/integration/test_chaos.py -s
+    CHATD_CHAOS_LOAD_S=60 scripts/test tests/integration/test_chaos.py -s   # a longer soak
 """
 
 from __future__ import annotations
@@ -29,12 +31,12 @@ from fault_helpers import (
 
 __all__ = ["node_procs"]
 
-#: seconds of plain load between two faults
-LOAD_S = 8.0
+#: seconds of plain load between two faults (longer soaks: CHATD_CHAOS_LOAD_S=60)
+LOAD_S = float(os.environ.get("CHATD_CHAOS_LOAD_S", "8"))
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(300 + 8 * LOAD_S)
 async def test_chaos_soak(tmp_path: Path, node_procs: list[NodeProcess]) -> None:
     with tmpfs(tmp_path / "disk", "256m") as disk:
         data = disk / "data"
@@ -49,13 +51,16 @@ async def test_chaos_soak(tmp_path: Path, node_procs: list[NodeProcess]) -> None
         finally:
             await store.close()
         groups = {uid: [everyone, few] if uid in uids[:4] else [everyone] for uid in uids}
-        node = NodeProcess(data, "--shards", "2", env={"CHATD_SLOW_CONSUMER_BYTES": "65536"})
+        env = {"CHATD_SLOW_CONSUMER_BYTES": "65536"}
+        node = NodeProcess(data, "--shards", "2", env=env)
         node_procs.append(node)
         await node.started()
+        #: the node that runs now (the last fault starts another on the same ports)
+        current = [node]
 
         def url_of(uid: int):  # type: ignore[no-untyped-def]
             tok = token(data, uid, ttl_s=3600)
-            return lambda: f"ws://127.0.0.1:{node.port}/chat?id={uid}&token={tok}"
+            return lambda: f"ws://127.0.0.1:{current[0].port}/chat?id={uid}&token={tok}"
 
         # users 0 and 1 have two devices each
         devices = [Device(f"u{uid}d{k}", uid, url_of(uid))
@@ -156,6 +161,18 @@ async def test_chaos_soak(tmp_path: Path, node_procs: list[NodeProcess]) -> None
         filler.unlink()
         await more_acked()
         faults.append("disk full for 3 s")
+        await asyncio.sleep(LOAD_S)
+
+        # 6. kill -9 of the whole node (every process at once), started again at
+        # once on the same ports: the clients reconnect and resume
+        ports = {"chat_port": node.port, "api_port": node.api_port}
+        node.kill_all()
+        node = NodeProcess(data, "--shards", "2", env=env, **ports)
+        node_procs.append(node)
+        await node.started()
+        current[0] = node
+        await more_acked()
+        faults.append("kill -9 of the whole node, restarted at once")
         await asyncio.sleep(LOAD_S)
 
         for p in pumps:
