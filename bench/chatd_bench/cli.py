@@ -11,6 +11,21 @@ Examples::
     chatd-bench private --url ws://10.0.0.5:8080/chat --users-file users.json
     chatd-bench private --store sqlite,postgres --pin 0:1   # the stores side by side
     chatd-bench private --nodes 1,2,3 --placement cross --window 8 --pin 0:1   # a cluster
+    chatd-bench private --pin 0:1 --vs --rounds 3 --json r.jsonl
+    chatd-bench report r.jsonl [more.jsonl ...] [--base picows] [--plot r.png]
+
+`chatd-bench report FILE...` reads the JSON lines of earlier runs and prints,
+per load shape, a row per target (medians over its runs, min-max), the ratios
+to a base target (default: the first chatd one), the generator's own CPU, and
+a warning for every run the generator limited or that was not clean
+(`chatd-bench report --help`).
+
+Load processes (--procs): by default one per CPU the generator may use: the
+CPUs of --pin's generator set if it has one; else the CPUs this process may
+run on less the server's (--pin's server set; unpinned, the largest --shards
+count, or all of them: chatd's default is a shard per CPU; all of them for a
+--url on another host); at least 1, and never more than there is load to
+split (private pairs, groups, connections, users).
 
 Exit status: 0 when every run was clean; 1 when a run lost, duplicated or
 misrouted messages (or missed acks, or dropped connections); 2 for bad usage;
@@ -21,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import shutil
 import sys
 import tempfile
@@ -29,10 +45,18 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from chatd_bench import report
+from chatd_bench import report, summary
 from chatd_bench.api import API_SCENARIOS, run_api
 from chatd_bench.engines import Nats, Postgres
-from chatd_bench.run import BenchError, Options, Target, layouts_for, run_once, users_needed
+from chatd_bench.run import (
+    BenchError,
+    Options,
+    Target,
+    layouts_for,
+    run_once,
+    splittable,
+    users_needed,
+)
 from chatd_bench.servers import (
     PEERS,
     ChatdCluster,
@@ -121,7 +145,9 @@ def _parser() -> argparse.ArgumentParser:
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     p.add_argument("scenario", choices=SCENARIOS)
     a = p.add_argument
-    a("--procs", type=int, default=1, help="load processes (default 1)")
+    a("--procs", type=int,
+      help="load processes (default: one per CPU the generator may use, at most one per "
+           "pair, group, connection or user to split; see below)")
     a("--duration", type=float, help="measured seconds (default 10; soak 120)")
     a("--users", type=int, help="users (private: 200 = 100 pairs; mixed/soak: 1000)")
     a("--window", type=int, default=10, help="closed loop: messages in flight per sender")
@@ -173,6 +199,58 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def generator_cpus(pin: str | None, usable: int, shards: list[int] | None = None,
+                   remote: bool = False) -> int:
+    """How many CPUs the load generator may use: the CPUs of ``pin``'s
+    generator set (``SERVER:GEN``) if it has one; else ``usable`` (the CPUs
+    this process may run on) less the server's: ``pin``'s server set, or
+    unpinned the largest shard count asked (chatd's own default is a shard per
+    CPU, so none asked means all of them), or none for a server on another
+    host (``remote``). At least 1."""
+    if pin and ":" in pin:
+        return max(1, len(parse_cpus(pin.split(":", 1)[1])))
+    if pin:
+        server = len(parse_cpus(pin))
+    elif remote:
+        server = 0
+    else:
+        server = max(shards) if shards else usable
+    return max(1, usable - server)
+
+
+def default_procs(gen_cpus: int, phases: Sequence[Options]) -> int:
+    """``--procs`` when not given: a load process per generator CPU, but no
+    more than every phase has load to split (``run.splittable``), at least 1."""
+    return max(1, min([gen_cpus, *(splittable(o) for o in phases)]))
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _procs(args: argparse.Namespace, phases: list[Options]) -> int:
+    """``--procs``, or its default (``generator_cpus``, ``default_procs``)."""
+    if args.procs is not None:
+        return int(args.procs)
+    shards = None
+    if args.shards:
+        try:
+            shards = _counts(args.shards, "--shards")
+        except SetupError:
+            shards = None  # _variants says what is wrong with it
+    host = urlsplit(_chat_url(args.url)).hostname if args.url else None
+    remote = bool(host) and host not in ("localhost", "::1") and not str(host).startswith(
+        "127.")
+    procs = default_procs(generator_cpus(args.pin, _usable_cpus(), shards, remote), phases)
+    if not args.quiet:
+        _log(f"chatd-bench: {procs} load process{'es' if procs > 1 else ''} "
+             "(--procs default: the generator's CPUs, at most the load to split)")
+    return procs
+
+
 def _options(args: argparse.Namespace, members: int) -> Options:
     scen = args.scenario
     users = args.users or (200 if scen == "private" else 1000)
@@ -182,7 +260,7 @@ def _options(args: argparse.Namespace, members: int) -> Options:
     if args.pin:
         gen = parse_cpus(args.pin.split(":", 1)[1]) if ":" in args.pin else None
     return Options(
-        scenario=scen, procs=args.procs,
+        scenario=scen, procs=args.procs or 1,
         duration_s=args.duration or (120.0 if scen == "soak" else 10.0),
         users=users, window=args.window,
         rate=args.rate or (200.0 if scen in ("mixed", "soak") else 0.0),
@@ -197,13 +275,63 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
+def _report_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="chatd-bench report",
+        description="Side by side, from the JSON lines of earlier runs (--json): per load "
+                    "shape (scenario, group size, rate or window, users), a row per target "
+                    "with the median of each figure over its runs and the spread (min-max), "
+                    "the generator's own CPU (gen %: all load processes together, 100 = one "
+                    "CPU; gen max %: the busiest), the ratio of each figure to the base "
+                    "target's, and a warning line for every run where the load generator "
+                    "was the limit or that was not clean.",
+        epilog="Exit status: 0, also when runs were not clean (the warnings say so); 2 for "
+               "bad usage or a file that is not chatd-bench JSON lines.")
+    p.add_argument("files", nargs="+", metavar="FILE.jsonl")
+    p.add_argument("--base", metavar="TARGET",
+                   help="the target the ratios divide by (default: the first chatd one)")
+    p.add_argument("--plot", metavar="PNG",
+                   help="also draw grouped bars of server CPU per unit and p99, per target")
+    return p
+
+
+def report_main(argv: Sequence[str]) -> int:
+    """``chatd-bench report FILE... [--base TARGET] [--plot PNG]``: print the
+    report of earlier runs' JSON lines (``summary.render``); 2 when a file is
+    not chatd-bench JSON lines or ``--base`` names no target in them."""
+    parser = _report_parser()
+    args = parser.parse_args(argv)
+    try:
+        runs, skipped = summary.load(args.files)
+    except summary.ReportError as exc:
+        parser.error(str(exc))
+    if not runs:
+        parser.error("no runs in " + ", ".join(args.files))
+    if args.base and not any(args.base in (r["target"], row.name)
+                             for g in summary.group(runs) for row in g.rows for r in row.runs):
+        names = sorted({r["target"] for r in runs})
+        parser.error(f"--base: no target {args.base!r} (there are {', '.join(names)})")
+    print(summary.render(runs, args.base))
+    if skipped:
+        _log(f"chatd-bench report: skipped {skipped} line(s) that are not JSON objects")
+    if args.plot:
+        summary.bar_plot(runs, args.plot)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["report"]:
+        return report_main(argv[1:])
     args = _parser().parse_args(argv)
-    if args.procs < 1:
+    if args.procs is not None and args.procs < 1:
         _parser().error("--procs must be at least 1")
     server_cpus = args.pin.split(":", 1)[0] if args.pin else None
     sizes = [int(x) for x in args.members.split(",")] if args.scenario == "group" else [0]
     phases = [_options(args, m) for m in sizes]
+    if args.scenario not in API_SCENARIOS:
+        procs = _procs(args, phases)
+        phases = [dataclasses.replace(o, procs=procs) for o in phases]
     peers = [p.strip() for p in args.vs.split(",")] if args.vs else []
     for p in peers:
         if p not in PEERS:
@@ -265,6 +393,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         results.append(_run_peer(args, opts, name, server_cpus, label,
                                                  peers_dir))
                     r = results[-1]
+                    # which round, of how many, and on which CPUs: what
+                    # ``chatd-bench report`` takes medians over and shows
+                    r.update(round=rnd + 1, rounds=args.rounds, server_cpus=server_cpus)
+                    if name.startswith("chatd") and variants:
+                        r["shards"] = variants[chatds.index(name)].shards
                     if r["problems"]:
                         for line in r["problems"]:
                             _log(f"!! {label}: {line}")

@@ -35,6 +35,16 @@ class BenchError(Exception):
     """The run cannot be done as asked (limits, crashed worker, dead server)."""
 
 
+def generator_bound(client_util_max: float | None, side_util: float | None) -> bool:
+    """Whether the load generator, not the server, was the limit of a run: its
+    busiest load process was at least ``CLIENT_BUSY`` of a CPU while the server
+    side (chatd or the peer, with its engines) was below that. The run and
+    ``chatd-bench report`` both decide with this."""
+    if client_util_max is None or side_util is None:
+        return False
+    return client_util_max >= CLIENT_BUSY and side_util < CLIENT_BUSY
+
+
 @dataclasses.dataclass
 class Options:
     scenario: str
@@ -133,6 +143,19 @@ def users_needed(opts: Options) -> int:
     if opts.scenario == "group":
         return opts.groups * opts.members
     return opts.users
+
+
+def splittable(opts: Options) -> int:
+    """How many load processes the scenario's load can be split over: private
+    pairs, whole groups, connections, or users (mixed, soak). More processes
+    than this would have nothing to do."""
+    if opts.scenario == "private":
+        return max(1, opts.users // 2)
+    if opts.scenario == "group":
+        return max(1, opts.groups)
+    if opts.scenario == "connect":
+        return max(1, opts.conns)
+    return max(1, opts.users)
 
 
 def build_specs(opts: Options, users: Users, target: Target) -> tuple[Plan, list[dict[str, Any]]]:
@@ -404,6 +427,14 @@ def _drive(opts: Options, plan: Plan, specs: list[dict[str, Any]], target: Targe
     result: dict[str, Any] = {
         "target": target.name, "scenario": opts.scenario, "label": label,
         "procs": opts.procs, "conns": ok_conns, "conns_asked": n_conns,
+        # the shape of the load, which ``chatd-bench report`` groups runs by
+        "users": n_conns, "rate": opts.rate,
+        "window": opts.window if opts.rate <= 0 and opts.scenario in ("private", "group")
+        else None,
+        "gen_cpus": opts.gen_cpus,
+        **({"groups": opts.groups} if opts.scenario in ("group", "mixed", "soak") else {}),
+        **({"senders": opts.senders} if opts.scenario == "group" else {}),
+        **({"conn_rate": opts.conn_rate} if opts.scenario == "connect" else {}),
         "handshake_ms": hs.summary_ms(),
         "rss_kib_per_conn": (rss1 - rss0) / 1024 / ok_conns if ok_conns and rss0 else None,
         "server_rss_mib": rss1 / 2**20,
@@ -542,8 +573,10 @@ def _drive(opts: Options, plan: Plan, specs: list[dict[str, Any]], target: Targe
         1e-9, result["duration_s"])
     result["server_side_util"] = side_util
     if client_cpu is not None:
-        result["client_bound"] = (result.get("client_util_max", 0) >= CLIENT_BUSY
-                                  and side_util < CLIENT_BUSY)
+        # the load processes' own CPU together (1.0: one CPU's worth), beside
+        # the busiest one's (client_util_max), which decides the limit
+        result["client_util"] = client_cpu / max(1e-9, result["duration_s"])
+        result["client_bound"] = generator_bound(result.get("client_util_max", 0), side_util)
         if result["client_bound"]:
             result.setdefault("warnings", []).append(
                 f"the load generator was the limit (a load process at "

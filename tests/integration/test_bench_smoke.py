@@ -145,3 +145,32 @@ def test_placement_puts_pairs_and_groups_where_asked() -> None:
             assert {where[i] for i in range(g, 12, 2)} == {0, 1}, placement
     where = _placed("same", "group", 12, groups=2)
     assert [{where[i] for i in range(g, 12, 2)} for g in range(2)] == [{0}, {1}]
+
+
+@pytest.mark.slow
+def test_report_reads_what_a_run_wrote(tmp_path: Path) -> None:
+    # two rounds, --procs left to its default (with --shards 1: the CPUs this
+    # process may use less the server's one, at most the 4 pairs)
+    runs = _bench(tmp_path, "--shards", "1", "--rounds", "2")
+    assert [r["round"] for r in runs] == [1, 2] and {r["rounds"] for r in runs} == {2}
+    usable = len(os.sched_getaffinity(0))
+    assert {r["procs"] for r in runs} == {min(max(1, usable - 1), 4)}
+    for r in runs:
+        # what the report needs: the generator's own CPU and its verdict, the shape
+        assert r["client_util"] > 0 and r["client_util_max"] > 0
+        assert isinstance(r["client_bound"], bool)
+        assert (r["rate"], r["window"], r["users"], r["shards"]) == (0.0, 4, 8, 1)
+    done = subprocess.run([sys.executable, "-m", "chatd_bench.cli", "report",
+                           str(tmp_path / "out.jsonl")],
+                          capture_output=True, text=True, timeout=60 * UNIT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("== private, window 4, 8 users  (unit: message")
+    assert lines[1].split()[:3] == ["target", "runs", "procs"] and "gen %" in lines[1]
+    row = lines[3].split()
+    assert row[:2] == ["chatd", "2"]  # one row, both rounds
+    assert lines[4].split()[0] == "min–max"
+    # a generator-limited round is warned about by the report too
+    bound = sum(r["client_bound"] for r in runs)
+    assert done.stdout.count("!! GENERATOR WAS THE LIMIT") == bound
+    assert "NOT CLEAN" not in done.stdout
