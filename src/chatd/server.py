@@ -106,7 +106,7 @@ async def open_node(cfg: Config, *, port: int | None = None, shards: int = 1) ->
     """
     cfg.data_path.mkdir(parents=True, exist_ok=True)
     secret = auth.node_secret(cfg.data_path, cfg.secret_file)
-    store = await open_configured(cfg)
+    store = await open_configured(cfg, log=True)
     node = None
     try:
         node_log = make_log(cfg, store)
@@ -224,7 +224,7 @@ async def run_log(cfg: Config, index: int, conn: Connection) -> int:
     stop = asyncio.Event()
     signalled = asyncio.Event()
     _child_signals(stop, signalled)
-    store = await open_configured(cfg)
+    store = await open_configured(cfg, log=True)
     node_log = make_log(cfg, store)
     await node_log.start()
     server = LogServer(node_log, log_socket(cfg))
@@ -282,7 +282,7 @@ async def run_shard(cfg: Config, index: int, conn: Connection) -> int:
     node_log: Log | None = None
     server: LogServer | None = None
     if hosts_log:
-        store = await open_configured(cfg)
+        store = await open_configured(cfg, log=True)
         node_log = make_log(cfg, store)
         await node_log.start()
         server = LogServer(node_log, log_socket(cfg))

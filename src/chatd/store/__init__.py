@@ -185,23 +185,35 @@ class ChainStore(Store, Protocol):
 
 
 async def open_store(
-    path: Path, *, synchronous: str = "NORMAL", writable: bool = True, busy_timeout_ms: int = 10_000
+    path: Path,
+    *,
+    synchronous: str = "NORMAL",
+    writable: bool = True,
+    busy_timeout_ms: int = 10_000,
+    checkpoints: bool = False,
 ) -> Store:
     """Open the node's store (SQLite at ``path``; created and migrated if writable).
 
     ``busy_timeout_ms``: how long a statement waits for a lock another
-    connection holds before the store answers ``StoreUnavailable``.
+    connection holds before the store answers ``StoreUnavailable``;
+    ``checkpoints``: this is the node's message writer (its log): checkpoint
+    the WAL beside its commits, not inside them.
     """
     from chatd.store.sqlite import SqliteStore
 
     return await SqliteStore.open(
-        path, synchronous=synchronous, writable=writable, busy_timeout_ms=busy_timeout_ms
+        path,
+        synchronous=synchronous,
+        writable=writable,
+        busy_timeout_ms=busy_timeout_ms,
+        checkpoints=checkpoints,
     )
 
 
-async def open_configured(cfg: Config, *, writable: bool = True) -> Store:
+async def open_configured(cfg: Config, *, writable: bool = True, log: bool = False) -> Store:
     """Open the store ``cfg`` names (``store``): SQLite (the embedded default)
-    or PostgreSQL. A writable open creates and migrates the schema."""
+    or PostgreSQL. A writable open creates and migrates the schema; ``log``:
+    for the node's log (the message writer)."""
     if cfg.store_is_postgres:
         from chatd.store.postgres import PostgresStore
 
@@ -213,4 +225,5 @@ async def open_configured(cfg: Config, *, writable: bool = True) -> Store:
         synchronous=cfg.db_synchronous,
         writable=writable,
         busy_timeout_ms=cfg.db_busy_timeout_ms,
+        checkpoints=log,
     )
