@@ -106,6 +106,9 @@ class Config:
     sync_page: _Positive = 500
     #: most messages in one store transaction
     batch_max: _Positive = 2048
+    #: under load, the least time between the starts of two commits: batches
+    #: grow, each page is written once for more messages (0: commit at once)
+    commit_interval_ms: Annotated[float, msgspec.Meta(ge=0, le=100)] = 0.0
     #: messages waiting for the store past which new ones are refused (503 error frame)
     queue_max: _Positive = 100_000
     #: SQLite synchronous mode for messages: NORMAL survives process crashes, FULL power loss

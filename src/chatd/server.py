@@ -153,8 +153,10 @@ def make_log(cfg: Config, store: Store) -> Log:
             servers=list(cfg.bus),
             batch_max=cfg.batch_max,
             queue_max=cfg.queue_max,
+            commit_interval_s=cfg.commit_interval_ms / 1000,
         )
-    return Log(store, batch_max=cfg.batch_max, queue_max=cfg.queue_max)
+    return Log(store, batch_max=cfg.batch_max, queue_max=cfg.queue_max,
+               commit_interval_s=cfg.commit_interval_ms / 1000)
 
 
 def _checker(secret: bytes, versions: dict[int, int]) -> auth.TokenChecker:

@@ -87,11 +87,13 @@ class ClusterLog(Log):
         servers: list[str],
         batch_max: int = 2048,
         queue_max: int = 100_000,
+        commit_interval_s: float = 0.0,
         payload_wait_s: float = PAYLOAD_WAIT_S,
         gap_wait_s: float = GAP_WAIT_S,
         poll_s: float = POLL_S,
     ) -> None:
-        super().__init__(store, batch_max=batch_max, queue_max=queue_max)
+        super().__init__(store, batch_max=batch_max, queue_max=queue_max,
+                         commit_interval_s=commit_interval_s)
         self.node = node
         self.payload_wait_s = payload_wait_s
         self.gap_wait_s = gap_wait_s
