@@ -113,6 +113,9 @@ MIGRATIONS: Final[tuple[str, ...]] = (
 
 WRITER_CACHE_KIB: Final = 65_536
 WAL_CHECKPOINT_PAGES: Final = 10_000
+#: how long a look-up in the caller's thread waits for a lock before it goes
+#: to the reader's thread instead (the event loop must not wait)
+POINT_BUSY_MS: Final = 5
 #: how often the checkpoint thread copies the WAL into the database file
 CHECKPOINT_PERIOD_S: Final = 0.25
 #: how often the message writer finishes a checkpoint itself (so that the WAL
@@ -290,6 +293,9 @@ class SqliteStore:
     ) -> None:
         self._writer = writer
         self._r = reader
+        #: a connection read in the caller's thread: a small look-up by the
+        #: index costs less than the hand-over to a thread and back
+        self._point: sqlite3.Connection | None = None
         self._checkpoints: Checkpoints | _NoCheckpoints = checkpoints or _NoCheckpoints()
         self._known_users: cachetools.LRUCache[int, bool] = cachetools.LRUCache(200_000)
         self.batches = 0
@@ -351,10 +357,17 @@ class SqliteStore:
         if writer is not None and checkpoints:
             keeper = Checkpoints(path, busy_timeout_ms)
             keeper.start()
-        return cls(writer, reader, keeper)
+        store = cls(writer, reader, keeper)
+        point = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
+                                check_same_thread=False)
+        point.execute(f"PRAGMA busy_timeout={POINT_BUSY_MS}")
+        store._point = point
+        return store
 
     async def close(self) -> None:
         self._checkpoints.stop()
+        if self._point is not None:
+            self._point.close()
         await self._r.close()
         if self._writer is not None:
             await self._writer.close()
@@ -528,7 +541,14 @@ class SqliteStore:
             return {}
         marks = ",".join("?" * len(uids))
         sql = f"SELECT uid, gid FROM members WHERE uid IN ({marks})"
-        rows = await self._r.execute_fetchall(sql, list(uids))
+        rows: Any = None
+        if self._point is not None:
+            try:
+                rows = self._point.execute(sql, list(uids)).fetchall()
+            except sqlite3.OperationalError:
+                rows = None  # busy for a moment: the reader's thread waits instead
+        if rows is None:
+            rows = await self._r.execute_fetchall(sql, list(uids))
         found: dict[int, set[int]] = {}
         for uid, gid in rows:
             found.setdefault(uid, set()).add(gid)
