@@ -273,8 +273,9 @@ async def test_a_replay_never_runs_ahead_of_the_stream(node_factory) -> None:
     routed = await send_acked(a, bob, 3, prefix="r")
     with sqlite3.connect(node.cfg.db_path) as db:
         cur = db.execute(
-            "INSERT INTO messages (userid, cmd, dstid, media, content, ts) "
-            "VALUES (?, 10, ?, 1, 'not routed yet', 0)", (alice, bob))
+            "INSERT INTO messages (id, p, userid, cmd, dstid, media, content, ts) "
+            "SELECT max(id) + 1, (max(id) + 1) >> 12, ?, 10, ?, 1, 'not routed yet', 0 "
+            "FROM messages", (alice, bob))
         unrouted = cur.lastrowid
     assert unrouted is not None and node.log.hw < unrouted
     b = await connect(node.url(bob) + "&last=0")

@@ -8,10 +8,16 @@ A process that only reads (a shard replaying sync pages) opens it with
 
 ``append`` assigns ids inside its ``BEGIN IMMEDIATE`` transaction from the
 table's max id, so ``id`` is the commit order, also when several processes
-share the file. ``(userid, cid)`` is unique: a retried frame gets the stored
+share the file. ``(cid, userid)`` is unique: a retried frame gets the stored
 row's id back instead of a second row. The node's log (``chatd.log``) is the
 only caller of ``append`` and of the routing changes; it decides what is
 acked and delivered, after the commit returns.
+
+The message indexes are few and local, because each index entry a commit
+adds at a random place costs a page of WAL (docs/design.md, "Where the
+store's cost is"): the private ones lead with the message's partition (``p =
+id >> PARTITION_BITS``), so a batch adds to their newest pages only, and
+sync and history walk the partitions of their id range (``_walk``).
 
 SQLite's own errors never leave this module: they become ``StoreError``
 (``StoreUnavailable`` when the database is busy, locked, full or gone, so
@@ -51,6 +57,11 @@ from chatd.store import (
 from chatd.wire import CMD_GROUP, CMD_PRIVATE, Message
 
 log = logging.getLogger("chatd.store")
+
+#: a message's partition is ``id >> PARTITION_BITS`` (4096 ids): the private
+#: indexes lead with it. Migration 2 writes the number into a CHECK: changing it
+#: takes a migration that rewrites ``p``.
+PARTITION_BITS: Final = 12
 
 MIGRATIONS: Final[tuple[str, ...]] = (
     # 1: the seed's user / contact / community model, and messages
@@ -109,6 +120,47 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     CREATE INDEX messages_from ON messages(userid, id);
     CREATE INDEX messages_to ON messages(cmd, dstid, id);
     """,
+    # 2: indexes that a batch adds to at a few places instead of three random
+    # ones per message (issue 10). The table is rebuilt, not altered: ``p`` must
+    # be a real column (an expression index on ``id >> 12`` gave wrong answers
+    # after ANALYZE on SQLite 3.40), and a CHECK, which ALTER TABLE cannot add
+    # to a table with rows, makes a row with a wrong ``p`` an error instead of
+    # a message that sync never finds. Every index key ends with the rowid (the
+    # id), so none names it. Broadcasts get an index of their own (a range, not
+    # a search per partition), and ``users.created_id`` (the max message id
+    # when the user was created; 0: not known) bounds the partitions a user's
+    # walk searches: no private message of a user is older than the user.
+    f"""
+    CREATE TABLE messages_v2 (
+        id      INTEGER PRIMARY KEY,
+        userid  INTEGER NOT NULL,
+        cmd     INTEGER NOT NULL,
+        dstid   INTEGER NOT NULL,
+        p       INTEGER NOT NULL CHECK (p = id >> {PARTITION_BITS}),
+        media   INTEGER NOT NULL DEFAULT 0,
+        content TEXT    NOT NULL DEFAULT '',
+        pic     TEXT    NOT NULL DEFAULT '',
+        url     TEXT    NOT NULL DEFAULT '',
+        memo    TEXT    NOT NULL DEFAULT '',
+        amount  INTEGER NOT NULL DEFAULT 0,
+        cid     TEXT,
+        ts      INTEGER NOT NULL
+    );
+    INSERT INTO messages_v2
+           (id, userid, cmd, dstid, p, media, content, pic, url, memo, amount, cid, ts)
+    SELECT id, userid, cmd, dstid, id >> {PARTITION_BITS}, media, content, pic, url, memo,
+           amount, cid, ts
+      FROM messages ORDER BY id;
+    DROP TABLE messages;
+    ALTER TABLE messages_v2 RENAME TO messages;
+    CREATE UNIQUE INDEX messages_cid ON messages(cid, userid) WHERE cid IS NOT NULL;
+    CREATE INDEX messages_in ON messages(p, dstid) WHERE cmd = {CMD_PRIVATE};
+    CREATE INDEX messages_out ON messages(p, userid) WHERE cmd = {CMD_PRIVATE};
+    CREATE INDEX messages_group ON messages(dstid) WHERE cmd = {CMD_GROUP};
+    CREATE INDEX messages_broadcast ON messages(dstid)
+        WHERE cmd = {CMD_PRIVATE} AND dstid = {BROADCAST};
+    ALTER TABLE users ADD COLUMN created_id INTEGER NOT NULL DEFAULT 0
+    """,
 )
 
 WRITER_CACHE_KIB: Final = 65_536
@@ -123,25 +175,146 @@ CHECKPOINT_PERIOD_S: Final = 0.25
 WAL_RESTART_S: Final = 2.0
 
 _MSG_COLUMNS: Final = "id, userid, cmd, dstid, media, content, pic, url, memo, amount, cid, ts"
-_INSERT_MESSAGE: Final = f"INSERT INTO messages ({_MSG_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
-_SYNC_SQL: Final = f"""
-    SELECT {_MSG_COLUMNS} FROM messages
-     WHERE cmd = {CMD_PRIVATE} AND dstid = :uid AND id > :after AND id < :before
-    UNION ALL
-    SELECT {_MSG_COLUMNS} FROM messages
-     WHERE userid = :uid AND id > :after AND id < :before AND cmd = {CMD_PRIVATE} AND dstid != :uid
-    UNION ALL
-    SELECT {_MSG_COLUMNS} FROM messages
-     WHERE cmd = {CMD_PRIVATE} AND dstid = {BROADCAST} AND id > :after AND id < :before
-    UNION ALL
-    SELECT m.id, m.userid, m.cmd, m.dstid, m.media, m.content, m.pic, m.url, m.memo,
-           m.amount, m.cid, m.ts
-      FROM members g JOIN messages m
-        ON m.cmd = {CMD_GROUP} AND m.dstid = g.gid AND m.id > max(:after, g.joined_id)
-       AND m.id < :before
-     WHERE g.uid = :uid
-    ORDER BY 1 LIMIT :limit
+_M_COLUMNS: Final = ", ".join("m." + c.strip() for c in _MSG_COLUMNS.split(","))
+_INSERT_MESSAGE: Final = (
+    "INSERT INTO messages (id, userid, cmd, dstid, p, media, content, pic, url, memo, amount, "
+    "cid, ts) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+#: the partitions :pa..:pb (none if :pa > :pb), one row each: a walk's chunk
+_PARTITIONS: Final = (
+    "WITH RECURSIVE ps(p) AS (SELECT :pa WHERE :pa <= :pb "
+    "UNION ALL SELECT p + 1 FROM ps WHERE p < :pb) "
+)
+#: a sync page within one chunk (``_walk``). The ids first, from the indexes
+#: alone, then the page's rows: private messages to the user (messages_in)
+#: and from the user (messages_out; UNION, not UNION ALL: a message to oneself
+#: is in both), broadcasts (messages_broadcast: they have no partitions to
+#: walk), and messages of the user's groups since the join. ``members g CROSS
+#: JOIN messages m`` keeps the members outside: left to itself the planner may
+#: read every group message and look its member up (7 ms a page on 1M rows).
+SYNC_SQL: Final = f"""
+    {_PARTITIONS}, page(id) AS (
+        SELECT m.id FROM ps CROSS JOIN messages m INDEXED BY messages_in
+            ON m.p = ps.p AND m.cmd = {CMD_PRIVATE} AND m.dstid = :uid
+           AND m.id > :after AND m.id < :before
+        UNION
+        SELECT m.id FROM ps CROSS JOIN messages m INDEXED BY messages_out
+            ON m.p = ps.p AND m.cmd = {CMD_PRIVATE} AND m.userid = :uid
+           AND m.id > :after AND m.id < :before
+        UNION
+        SELECT id FROM messages INDEXED BY messages_broadcast
+         WHERE cmd = {CMD_PRIVATE} AND dstid = {BROADCAST} AND id > :after AND id < :before
+        UNION
+        SELECT m.id FROM members g CROSS JOIN messages m INDEXED BY messages_group
+            ON m.cmd = {CMD_GROUP} AND m.dstid = g.gid AND m.id > max(:after, g.joined_id)
+           AND m.id < :before
+         WHERE g.uid = :uid
+        ORDER BY 1 LIMIT :limit)
+    SELECT {_M_COLUMNS} FROM page CROSS JOIN messages m ON m.id = page.id ORDER BY m.id
 """
+#: the conversation of :a and :b within one chunk: each one's inbox, filtered
+#: by the other as sender; {order} is ASC or DESC
+PRIVATE_HISTORY_SQL: Final = f"""
+    {_PARTITIONS}
+    SELECT * FROM (
+        SELECT {_M_COLUMNS} FROM ps CROSS JOIN messages m INDEXED BY messages_in
+            ON m.p = ps.p AND m.cmd = {CMD_PRIVATE} AND m.dstid = :b AND m.userid = :a
+           AND m.id > :after AND m.id < :before
+        UNION ALL
+        SELECT {_M_COLUMNS} FROM ps CROSS JOIN messages m INDEXED BY messages_in
+            ON m.p = ps.p AND m.cmd = {CMD_PRIVATE} AND m.dstid = :a AND m.userid = :b
+           AND :a != :b AND m.id > :after AND m.id < :before)
+    ORDER BY id {{order}} LIMIT :limit
+"""
+GROUP_HISTORY_SQL: Final = f"""
+    SELECT {_MSG_COLUMNS} FROM messages INDEXED BY messages_group
+     WHERE cmd = {CMD_GROUP} AND dstid = ? AND id > ? AND id < ?
+     ORDER BY id {{order}} LIMIT ?
+"""
+#: the stored rows of the keys in ``cid_keys(n)``: (1, userid, cid, "id:ts"),
+#: one search of messages_cid per key (a join against the keys: an IN over
+#: row values would scan the table)
+CID_LOOKUP_SQL: Final = (
+    "SELECT 1, m.userid, m.cid, m.id || ':' || m.ts "
+    "FROM k CROSS JOIN messages m INDEXED BY messages_cid ON m.cid = k.c AND m.userid = k.u"
+)
+#: a walk's first chunk covers this many partitions, each next one
+#: ``WALK_GROWTH`` times as many: a dense range fills its page from a small
+#: chunk (each chunk's matches are gathered and sorted whole), a sparse one
+#: takes few chunks (each one costs a statement)
+WALK_FIRST_PARTITIONS: Final = 4
+WALK_GROWTH: Final = 4
+
+
+def cid_keys(n: int) -> str:
+    """``WITH k(u, c)``: ``n`` (userid, cid) pairs, bound in that order."""
+    return f"WITH k(u, c) AS (VALUES {','.join(['(?,?)'] * n)}) "
+
+
+def _walk(
+    db: sqlite3.Connection,
+    sql: str,
+    params: dict[str, Any],
+    after: int,
+    before: int,
+    limit: int,
+    newest: bool,
+    users: Sequence[int],
+) -> list[Any]:
+    """The rows of ``sql`` with ``after`` < id < ``before``, at most ``limit``:
+    the oldest (in id order) or the ``newest`` (newest first).
+
+    The private indexes are searched once per partition, so the range is
+    walked in chunks of partitions, from its old or its new end, until the
+    page is full; each chunk's statement binds ``:pa``/``:pb`` (its
+    partitions), ``:after``/``:before`` (its ids) and ``:limit`` (what is
+    still missing). What bounds the walk: the table's max id (``before`` may
+    be unbounded), and the ``created_id`` of ``users``: no private message of
+    a user is older than the user, so no partition below it is searched (the
+    statement's other parts, broadcasts and groups, still read the whole
+    range: the chunk at that end reaches down to ``after``). The whole walk
+    reads one snapshot.
+    """
+    bits = PARTITION_BITS
+    db.execute("BEGIN")
+    try:
+        marks = ",".join("?" * len(users)) or "NULL"
+        top, floor = db.execute(
+            "SELECT (SELECT max(id) FROM messages), "
+            f"(SELECT coalesce(max(created_id), 0) FROM users WHERE id IN ({marks}))",
+            users,
+        ).fetchone()
+        lo, hi = max(after, 0), min(before, (top or 0) + 1)
+        # partitions that may hold the private rows: p_floor .. p_top
+        p_floor, p_top = (max(lo, floor) + 1) >> bits, (hi - 1) >> bits
+        out: list[Any] = []
+        span = WALK_FIRST_PARTITIONS
+        c_after, c_before = lo, hi
+        p = p_top if newest else p_floor
+        while c_before - c_after > 1 and len(out) < limit:
+            if newest:
+                p_lo, p_hi = max(p - span + 1, p_floor), p
+                c_after = lo if p_lo <= p_floor else (p_lo << bits) - 1
+                p = p_lo - 1
+            else:
+                p_lo, p_hi = p, min(p + span - 1, p_top)
+                c_before = hi if p_hi >= p_top else (p_hi + 1) << bits
+                p = p_hi + 1
+            params.update(pa=p_lo, pb=p_hi, after=c_after, before=c_before,
+                          limit=limit - len(out))
+            out.extend(db.execute(sql, params).fetchall())
+            if newest:
+                c_before, c_after = c_after + 1, lo
+            else:
+                c_after, c_before = c_before - 1, hi
+            span *= WALK_GROWTH
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+    return out
+
 
 _NO_GROUPS: Final[frozenset[int]] = frozenset()
 #: SQLite result codes that mean "try again later", not "this is wrong"
@@ -398,19 +571,13 @@ class SqliteStore:
         return outcomes
 
     async def _in_writer(self, fn: Callable[..., _T], *args: Any) -> _T:
-        """Run ``fn(connection, *args)`` in the writer connection's thread.
+        """Run ``fn(connection, *args)`` in the writer connection's thread."""
+        return await _in_thread(self._w, fn, *args)
 
-        aiosqlite runs one function per call in its thread; ``_execute`` is
-        how its own methods queue theirs (not public API: the version is
-        pinned, and every store test goes through here).
-        """
-        db = self._w
-
-        def call() -> _T:
-            return fn(db._conn, *args)
-
-        result: _T = await db._execute(call)  # type: ignore[no-untyped-call]
-        return result
+    async def _in_reader(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """Run ``fn(connection, *args)`` in the reader connection's thread (the
+        several statements of a walk in one hop)."""
+        return await _in_thread(self._r, fn, *args)
 
     def _write_batch_sync(
         self, db: sqlite3.Connection, batch: Sequence[Message]
@@ -442,13 +609,8 @@ class SqliteStore:
         params: list[Any] = []
         head = ""
         if cids and look_up_cids:
-            # a join against the keys, so each one is an index search (an IN over
-            # row values would scan the whole table)
-            head = f"WITH k(u, c) AS (VALUES {','.join(['(?,?)'] * len(cids))}) "
-            sql.append(
-                "SELECT 1, m.userid, m.cid, m.id || ':' || m.ts "
-                "FROM k JOIN messages m ON m.userid = k.u AND m.cid = k.c"
-            )
+            head = cid_keys(len(cids))
+            sql.append(CID_LOOKUP_SQL)
             for key in cids:
                 params.extend(key)
         if unknown_dst:
@@ -496,6 +658,7 @@ class SqliteStore:
                         msg.userid,
                         msg.cmd,
                         msg.dstid,
+                        max_id >> PARTITION_BITS,
                         msg.media,
                         msg.content,
                         msg.pic,
@@ -526,8 +689,8 @@ class SqliteStore:
         Private messages to or from the user, and group messages of the user's
         groups sent after the user joined; nothing of anyone else's.
         """
-        rows = await self._r.execute_fetchall(
-            _SYNC_SQL, {"uid": uid, "after": after, "before": before, "limit": limit}
+        rows = await self._in_reader(
+            _walk, SYNC_SQL, {"uid": uid}, after, before, limit, False, (uid,)
         )
         return [row_to_message(r) for r in rows]
 
@@ -590,8 +753,8 @@ class SqliteStore:
         """Insert a user; ``StoreError`` if the mobile number is taken."""
         try:
             cur = await self._w.execute(
-                "INSERT INTO users (mobile, passwd, nickname, avatar, sex, created_ms) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO users (mobile, passwd, nickname, avatar, sex, created_ms, created_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, (SELECT coalesce(max(id), 0) FROM messages))",
                 (mobile, passwd_hash, nickname, avatar, sex, _now_ms()),
             )
         except sqlite3.IntegrityError:
@@ -800,30 +963,18 @@ class SqliteStore:
         At most ``limit``, in id order: the newest ones of the range if
         ``newest``, else the oldest.
         """
-        order = "DESC" if newest else "ASC"
-        sql = (
-            f"SELECT * FROM (SELECT {_MSG_COLUMNS} FROM messages "
-            f"WHERE userid = :a AND cmd = {CMD_PRIVATE} AND dstid = :b "
-            "AND id > :after AND id < :before "
-            f"UNION ALL SELECT {_MSG_COLUMNS} FROM messages "
-            f"WHERE userid = :b AND cmd = {CMD_PRIVATE} AND dstid = :a AND :a != :b "
-            "AND id > :after AND id < :before) "
-            f"ORDER BY id {order} LIMIT :limit"
+        sql = PRIVATE_HISTORY_SQL.format(order="DESC" if newest else "ASC")
+        found = await self._in_reader(
+            _walk, sql, {"a": uid, "b": peer}, after, before, limit, newest, (uid, peer)
         )
-        params = {"a": uid, "b": peer, "after": after, "before": before, "limit": limit}
-        async with self._r.execute(sql, params) as cur:
-            rows = [row_to_message(r) for r in await cur.fetchall()]
+        rows = [row_to_message(r) for r in found]
         return rows[::-1] if newest else rows
 
     async def group_history(
         self, gid: int, after: int, before: int, limit: int, newest: bool
     ) -> list[Message]:
         """Messages of group ``gid`` with ``after`` < id < ``before``, like ``private_history``."""
-        order = "DESC" if newest else "ASC"
-        sql = (
-            f"SELECT {_MSG_COLUMNS} FROM messages WHERE cmd = {CMD_GROUP} AND dstid = ? "
-            f"AND id > ? AND id < ? ORDER BY id {order} LIMIT ?"
-        )
+        sql = GROUP_HISTORY_SQL.format(order="DESC" if newest else "ASC")
         async with self._r.execute(sql, (gid, after, before, limit)) as cur:
             rows = [row_to_message(r) for r in await cur.fetchall()]
         return rows[::-1] if newest else rows
@@ -836,6 +987,21 @@ class SqliteStore:
     async def _all(self, kind: type[_R], sql: str, params: Sequence[Any]) -> list[_R]:
         rows = await self._r.execute_fetchall(sql, params)
         return [kind(*row) for row in rows]
+
+
+async def _in_thread(db: aiosqlite.Connection, fn: Callable[..., _T], *args: Any) -> _T:
+    """Run ``fn(sqlite3 connection, *args)`` in ``db``'s thread.
+
+    aiosqlite runs one function per call in its thread; ``_execute`` is how
+    its own methods queue theirs (not public API: the version is pinned, and
+    every store test goes through here).
+    """
+
+    def call() -> _T:
+        return fn(db._conn, *args)
+
+    result: _T = await db._execute(call)  # type: ignore[no-untyped-call]
+    return result
 
 
 async def _exists(db: aiosqlite.Connection, table: str, row_id: int) -> bool:
