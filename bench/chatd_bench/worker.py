@@ -212,7 +212,9 @@ class Worker:
         if self.peer:
             msg["userid"] = plan.uids[s]
         else:
-            cid = f"{self.nonce}.{s}.{seq}"
+            # the wall-clock ms first, as chatd's own clients do: a time-ordered
+            # cid lands at the end of the server's cid index (docs/protocol.md)
+            cid = f"{time.time_ns() // 1_000_000:012x}.{self.nonce}.{s}.{seq}"
             msg["cid"] = cid
             self.pending_acks[cid] = t_ns
         if self.binary:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from chatd.client import (
     SendError,
     State,
     backoff_delay,
+    new_cid,
 )
 
 # the API fixtures (api_helpers)
@@ -74,6 +77,17 @@ async def until(client: ChatClient, content: str, timeout: float = 10.0) -> list
 
     await asyncio.wait_for(go(), timeout * UNIT)
     return got
+
+
+def test_a_new_cid_starts_with_the_time_in_ms() -> None:
+    """Time-ordered cids are what the server's cid index stores cheaply."""
+    start = time.time_ns() // 1_000_000
+    cids = [new_cid() for _ in range(200)]
+    end = time.time_ns() // 1_000_000
+    assert len(set(cids)) == len(cids)
+    assert all(re.fullmatch(r"[0-9a-f]{32}", cid) for cid in cids)
+    stamps = [int(cid[:12], 16) for cid in cids]
+    assert start <= stamps[0] and stamps == sorted(stamps) and stamps[-1] <= end
 
 
 async def test_typed_http_calls(api: Api, clients: list[ChatClient]) -> None:

@@ -14,6 +14,7 @@ import {
   ClosedError,
   mayReconnect,
   MsgpackError,
+  newCid,
   msgpackDecode,
   msgpackEncode,
   SendError,
@@ -82,7 +83,7 @@ test("messages written before connecting wait and go out in order, each with a c
   assert.deepEqual(sent.map((m) => [m.cmd, m.dstid, m.content]),
     [[10, 2, "one"], [10, 2, "two"], [11, 5, "three"]]);
   assert.equal(new Set(sent.map((m) => m.cid)).size, 3);
-  for (const m of sent) assert.match(m.cid, /^[0-9a-f]{24}$/);
+  for (const m of sent) assert.match(m.cid, /^[0-9a-f]{32}$/);
 });
 
 test("the ack resolves the send, moves the resume point and empties the queue", async () => {
@@ -555,4 +556,16 @@ test("a json client writes text; an unknown encoding is refused", () => {
   sockets[0].open();
   assert.deepEqual(sockets[0].kinds, ["text"]);
   assert.throws(() => client(ScriptedSocket, { encoding: "cbor" }), TypeError);
+});
+
+test("a cid starts with the time in ms: later cids sort after earlier ones", () => {
+  mock.timers.tick(1_700_000_000_000);
+  const first = newCid();
+  assert.match(first, /^[0-9a-f]{32}$/);
+  assert.equal(first.slice(0, 12), (1_700_000_000_000).toString(16).padStart(12, "0"));
+  const same = newCid();
+  assert.notEqual(same, first, "the random part tells cids of one ms apart");
+  mock.timers.tick(1);
+  const later = newCid();
+  assert.ok(later > first && later > same, `${later} sorts after ${first} and ${same}`);
 });
