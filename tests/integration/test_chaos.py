@@ -149,15 +149,20 @@ async def test_chaos_soak(tmp_path: Path, node_procs: list[NodeProcess]) -> None
         faults.append("flood (4008)")
         await asyncio.sleep(LOAD_S)
 
-        # 5. the disk is full for a few seconds: 503s, no acks, then recovery
+        # 5. the disk is full for a few seconds: the batches SQLite cannot write
+        # reach their senders as 503 "retry", then the node recovers. Some
+        # commits may still succeed meanwhile: the WAL restarts from its start
+        # after a checkpoint, into space the file already holds, so those acks
+        # are for stored rows (the final count checks every ack against the
+        # store), not a promise broken.
         mark = len(node.lines)
+        retried = sum(d.retryable for d in devices)
         filler = disk / "filler"
         fill(filler)
         await node.logged(r"not stored: database or disk is full", mark, timeout=30)
-        acked_full = acked()
+        await regular[0].until(lambda: sum(d.retryable for d in devices) > retried,
+                               timeout=30)
         await asyncio.sleep(3)
-        # (an ack or two may be for messages committed just before the disk filled)
-        assert acked() - acked_full <= 50, "acks while the disk was full"
         filler.unlink()
         await more_acked()
         faults.append("disk full for 3 s")
