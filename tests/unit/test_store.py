@@ -259,3 +259,22 @@ async def test_token_versions_lists_only_revokers(store: Store, tmp_path: Path) 
     db.close()
     assert await store.token_versions() == {b: 3}
     assert await store.token_version(a) == 0
+
+
+async def test_a_folder_name_with_uri_characters_is_a_folder_name(tmp_path: Path) -> None:
+    """The read-only connections open the file by URI: ``?`` and ``#`` in the
+    data folder must not cut the path short."""
+    path = tmp_path / "odd?mode=rw#folder" / "chatd.db"
+    store = await SqliteStore.open(path)
+    try:
+        uid = await store.create_user("13700000001", TEST_PASSWORD_HASH)
+        gid = await store.create_group("g", uid)
+        assert await store.group_ids_of([uid]) == {uid: frozenset({gid})}
+        reader = await SqliteStore.open(path, writable=False)
+        try:
+            assert await reader.group_ids_of([uid]) == {uid: frozenset({gid})}
+        finally:
+            await reader.close()
+    finally:
+        await store.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["odd?mode=rw#folder"]

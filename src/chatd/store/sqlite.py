@@ -355,6 +355,12 @@ def _is_broadcast(msg: Message) -> bool:
     return msg.dstid == BROADCAST and msg.userid == SYSTEM_USER
 
 
+def _read_only_uri(path: Path) -> str:
+    """The URI that opens ``path`` read-only (percent-encoded: a folder name
+    with ``?`` or ``#`` stays a folder name)."""
+    return Path(path).resolve().as_uri() + "?mode=ro"
+
+
 def row_to_message(row: Sequence[Any]) -> Message:
     """A ``Message`` from a messages row in ``_MSG_COLUMNS`` order."""
     return Message(
@@ -531,7 +537,7 @@ class SqliteStore:
             keeper = Checkpoints(path, busy_timeout_ms)
             keeper.start()
         store = cls(writer, reader, keeper)
-        point = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
+        point = sqlite3.connect(_read_only_uri(path), uri=True, isolation_level=None,
                                 check_same_thread=False)
         point.execute(f"PRAGMA busy_timeout={POINT_BUSY_MS}")
         store._point = point
@@ -1072,7 +1078,7 @@ def backup(path: Path, target: Path) -> int:
     if target.exists():
         raise StoreError(f"{target} exists; not overwriting it")
     try:
-        src = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        src = sqlite3.connect(_read_only_uri(path), uri=True, timeout=10)
         try:
             dst = sqlite3.connect(target)
             try:
@@ -1095,7 +1101,7 @@ def check(path: Path) -> list[str]:
     if not path.exists():
         raise StoreError(f"no database at {path}")
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        db = sqlite3.connect(_read_only_uri(path), uri=True, timeout=10)
         try:
             rows = [str(r[0]) for r in db.execute("PRAGMA integrity_check")]
         finally:
