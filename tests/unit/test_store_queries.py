@@ -10,6 +10,7 @@ for, and that a database made by migration 1 comes through migration 2 whole.
 from __future__ import annotations
 
 import random
+import socket
 import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -368,6 +369,29 @@ def migration_1_database(path: Path, rng: random.Random) -> None:
                    [(1, 1, 0), (1, 2, 3000), (2, 2, 0), (2, 5, 9000), (1, 7, 5000)])
     db.execute("COMMIT")
     db.close()
+
+
+async def test_a_migration_tells_systemd_the_start_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Migration 2 rebuilds the messages table before READY=1: under systemd it
+    extends the start timeout while it runs; a start with nothing to migrate
+    says nothing."""
+    path = tmp_path / "chatd.db"
+    migration_1_database(path, random.Random(3))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(tmp_path / "notify.sock"))
+        sock.setblocking(False)
+        monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify.sock"))
+        store = await SqliteStore.open(path)
+        await store.close()
+        said = sock.recv(200).decode().split("\n")
+        assert said == ["EXTEND_TIMEOUT_USEC=60000000",
+                        "STATUS=migrating the database schema to 2"]
+        store = await SqliteStore.open(path)
+        await store.close()
+        with pytest.raises(BlockingIOError):
+            sock.recv(200)
 
 
 async def test_migration_2_keeps_every_row_and_every_answer(tmp_path: Path) -> None:

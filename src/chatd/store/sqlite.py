@@ -45,6 +45,7 @@ import aiosqlite
 import cachetools
 
 from chatd.errors import NotFoundError, StoreError, StoreUnavailable
+from chatd.notify import notify
 from chatd.store import (
     BROADCAST,
     DUPLICATE,
@@ -168,6 +169,8 @@ WAL_CHECKPOINT_PAGES: Final = 10_000
 #: how long a look-up in the caller's thread waits for a lock before it goes
 #: to the reader's thread instead (the event loop must not wait)
 POINT_BUSY_MS: Final = 5
+#: while a migration runs, how often systemd hears that the start goes on
+MIGRATION_NOTIFY_S: Final = 20.0
 #: how often the checkpoint thread copies the WAL into the database file
 CHECKPOINT_PERIOD_S: Final = 0.25
 #: how often the message writer finishes a checkpoint itself (so that the WAL
@@ -1035,6 +1038,7 @@ async def _migrate(db: aiosqlite.Connection) -> None:
         )
     for number in range(version + 1, len(MIGRATIONS) + 1):
         log.info("migrating schema to %d", number)
+        still = asyncio.ensure_future(_still_starting(number))
         await db.execute("BEGIN IMMEDIATE")
         try:
             for statement in MIGRATIONS[number - 1].split(";"):
@@ -1045,6 +1049,23 @@ async def _migrate(db: aiosqlite.Connection) -> None:
         except BaseException:
             await db.execute("ROLLBACK")
             raise
+        finally:
+            still.cancel()
+
+
+async def _still_starting(number: int) -> None:
+    """While migration ``number`` runs, keep systemd from giving up on the start.
+
+    A migration may take long (migration 2 rebuilds the messages table: ~5 s
+    per million messages) and runs before READY=1, in the supervisor (the
+    unit's main process), where it would outlast ``TimeoutStartSec`` and be
+    killed and rolled back at every restart. ``EXTEND_TIMEOUT_USEC`` moves the
+    deadline on while it runs; outside systemd this does nothing.
+    """
+    extend_us = int(3 * MIGRATION_NOTIFY_S * 1_000_000)
+    while True:
+        notify(f"EXTEND_TIMEOUT_USEC={extend_us}\nSTATUS=migrating the database schema to {number}")
+        await asyncio.sleep(MIGRATION_NOTIFY_S)
 
 # the HTTP API's views of users and groups
 _USER_COLUMNS: Final = (
