@@ -153,7 +153,10 @@ class Session:
         self.groups: frozenset[int] = _NO_GROUPS
         #: the connection left some group's live stream (cmd 3)
         self.partial = False
-        #: ``last`` of the handshake: replay from there first (-1: no replay)
+        #: ``last`` of the handshake (-1: none): the client has every message
+        #: up to it, so a replay starts there and no copy at or below it is
+        #: sent (a client that comes from another node of a cluster may be
+        #: ahead of this node's stream, which then still has those to release)
         self.resume = resume
         #: the highest id sent on this connection
         self.top = 0
@@ -339,7 +342,6 @@ class Session:
             waiting, self.waiting = self.waiting or [], None
             if self.resume >= 0:
                 self._begin_replay(self.resume, bound, answer=True)
-                self.resume = -1
                 return waiting, True
             self.state = LIVE
             self.live_from = bound
@@ -422,7 +424,8 @@ class Session:
     def _end_replay(self) -> None:
         held, self.held = self.held or [], None
         bound = self.replay_bound
-        top = max(self.top, bound)
+        # the client has everything up to where it resumed from, too
+        top = max(self.top, bound, self.resume)
         for msg in held:
             if msg.cmd == CMD_ACK:
                 self.send(msg)  # the client needs its ack whatever its id
@@ -456,6 +459,10 @@ class Session:
         connection as a slow consumer (it catches up by sync).
         """
         state = self.state
+        if msg.id <= self.resume:
+            # the client had it before it came here (from a node whose stream
+            # was ahead of this one's)
+            return IGNORED
         if state is LIVE:
             if self.out is None:
                 self.out = [data]

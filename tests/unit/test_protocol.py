@@ -186,6 +186,27 @@ def test_a_resuming_session_replays_then_sends_what_it_held_above_the_bound() ->
     assert sess.state is LIVE and sess.top == 7
 
 
+def test_a_session_that_resumes_ahead_of_this_nodes_stream_gets_nothing_twice() -> None:
+    """A client that comes from another node of a cluster may have ids this
+    node has not released yet (the node it left was killed before its last
+    batches reached the bus; this node reads them from the store a moment
+    later): ``last`` 8 against a bound of 5. The replay has nothing to read,
+    and the stream's copies up to 8, held or live, are not sent again (a
+    cluster's kill -9 test found 25 such duplicates)."""
+    sess = Session(UID, Limits(), resume=8)
+    waiting, replaying = sess.on_here(frozenset(), 5)
+    assert replaying and sess.state is SYNCING
+    early = pm(6)  # released while the (empty) replay runs
+    assert sess.deliver(early, framed(early, False)) == IGNORED
+    replay(sess, [pm(3), pm(4), pm(5)])
+    assert ids(out(sess)) == [(CMD_SYNC, 8)], "the client has everything up to 8"
+    assert sess.state is LIVE
+    for mid in (7, 8, 9):
+        late = pm(mid)
+        assert sess.deliver(late, framed(late, False)) == (IGNORED if mid <= 8 else DELIVERED)
+    assert ids(out(sess)) == [(CMD_PRIVATE, 9)]
+
+
 def test_a_cmd_4_on_a_live_session_replays_what_it_asks_for_up_to_live_from() -> None:
     """LIVE --cmd 4--> SYNCING --> LIVE: the client asked explicitly, so ids it
     has may come again, but only in (id, live_from]; with nothing to read
