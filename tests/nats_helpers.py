@@ -66,9 +66,10 @@ class NatsServer:
             return -1
         return len({r.get("remote_id") for r in data.get("routes") or ()})  # type: ignore[attr-defined]
 
-    def interest(self, subject: str) -> int:
-        """How many subscriptions (local or routed from other servers) match ``subject``."""
-        local = self._get(f"/subsz?subs=1&test={subject}")
+    def interest(self, subject: str, routed_only: bool = False) -> int:
+        """How many subscriptions (local or routed from other servers; only
+        routed ones if ``routed_only``) match ``subject``."""
+        local = {} if routed_only else self._get(f"/subsz?subs=1&test={subject}")
         routes = self._get("/routez?subs=1")
         if local is None or routes is None:
             return -1
@@ -132,12 +133,14 @@ class NatsCluster:
             await asyncio.sleep(0.05)
 
     async def interest(self, index: int, subject: str, present: bool = True,
-                       timeout: float = 10.0) -> None:
+                       timeout: float = 10.0, routed_only: bool = False) -> None:
         """Wait until server ``index`` knows (or no longer knows) of an interest in
-        ``subject``: a subscription made on another server has crossed the routes."""
+        ``subject``: a subscription made on another server has crossed the routes.
+        ``routed_only``: count only what came over the routes (a client of the
+        server itself may want the same subject)."""
         server = self.servers[index]
         deadline = time.monotonic() + timeout * UNIT
-        while (await asyncio.to_thread(server.interest, subject) > 0) != present:
+        while (await asyncio.to_thread(server.interest, subject, routed_only) > 0) != present:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"server {index}: interest in {subject} is not {present}")
             await asyncio.sleep(0.02)

@@ -129,7 +129,9 @@ async def test_routing_changes_and_broadcasts_ride_in_the_header(
     await bus_a.start()
     await bus_b.start()
     try:
-        await nats_cluster.interest(0, "chatd.h")  # b's header subscription crossed
+        # b's header subscription crossed the route (a, on server 0, wants
+        # chatd.h too: its own subscription must not count)
+        await nats_cluster.interest(0, "chatd.h", routed_only=True)
         everyone = Message(id=4, userid=0, cmd=10, dstid=0, content="hello all")
         bus_a.publish(Header("a", 2, 3, events=[Event(3, EVENT_JOIN, 7, 8)]), {})
         bus_a.publish(Header("a", 3, 4, everyone=[everyone]), {})
