@@ -121,6 +121,8 @@ class Log:
         self._out: dict[int, list[AnyItem]] = {}
         self._flush_soon = False
         self._wake: asyncio.Event | None = None
+        #: set while the writer paces (``_pace``): a full batch or a close ends the wait
+        self._full: asyncio.Event | None = None
         self._idle: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -163,6 +165,8 @@ class Log:
         """Commit what is queued, then stop the writer (the store stays open)."""
         if self._task is None:
             return
+        if self._full is not None:
+            self._full.set()  # what is queued goes now, not after the interval
         await self.flush()
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
@@ -210,6 +214,8 @@ class Log:
             return False
         self._queue.append((port_id, seq, msg))
         self._kick()
+        if self._full is not None and len(self._queue) >= self.batch_max:
+            self._full.set()
         return True
 
     def online(self, port_id: int, uid: int) -> None:
@@ -395,7 +401,13 @@ class Log:
         assert loop is not None
         wait = self._last_commit + interval - loop.time()
         if wait > 0 and len(self._queue) < self.batch_max:
-            await asyncio.sleep(wait)
+            full = self._full = asyncio.Event()
+            try:
+                await asyncio.wait_for(full.wait(), wait)
+            except TimeoutError:
+                pass
+            finally:
+                self._full = None
         self._last_commit = loop.time()
 
     async def _answer_onlines(self) -> None:
