@@ -531,6 +531,9 @@ class SqliteStore:
             reader = await aiosqlite.connect(path, isolation_level=None)
             await reader.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
             await reader.execute("PRAGMA query_only=ON")
+            point = sqlite3.connect(_read_only_uri(path), uri=True, isolation_level=None,
+                                    check_same_thread=False)
+            point.execute(f"PRAGMA busy_timeout={POINT_BUSY_MS}")
         except BaseException:
             if writer is not None:
                 await writer.close()
@@ -540,9 +543,6 @@ class SqliteStore:
             keeper = Checkpoints(path, busy_timeout_ms)
             keeper.start()
         store = cls(writer, reader, keeper)
-        point = sqlite3.connect(_read_only_uri(path), uri=True, isolation_level=None,
-                                check_same_thread=False)
-        point.execute(f"PRAGMA busy_timeout={POINT_BUSY_MS}")
         store._point = point
         return store
 
