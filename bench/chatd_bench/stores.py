@@ -2,6 +2,7 @@
 
     python -m chatd_bench.stores --engine sqlite|postgres --batch 20,500 --n 60000
         [--users 10000] [--sqlite-sync NORMAL] [--pg-sync on] [--dsn DSN --pg-pid PID]
+        [--floor]
 
 A micro-benchmark, not a test. For each batch size: a fresh database with
 ``--users`` users, then ``--n`` private messages (100 bytes of content,
@@ -22,6 +23,14 @@ counts the server's CPU only when ``--pg-pid`` names its postmaster.
 Background workers that exit during a run (autovacuum) take their CPU with
 them: the server figure is a slight underestimate.
 
+``--floor`` (SQLite): after chatd's store, the same rows go into the same
+schema (a fresh file migrated by chatd) straight through ``sqlite3``: one
+``executemany`` of chatd's INSERT per batch in a transaction, nothing else —
+no look-ups, no thread, no Python per message but the row tuples. Once with
+every index, once without ``messages_cid`` (what the dedupe index costs).
+This is what SQLite itself asks per message for the rows chatd stores: the
+floor under the store's figure.
+
 SQLite's ``NORMAL`` (chatd's default) does not fsync at each commit, and
 PostgreSQL's ``synchronous_commit=on`` does: compare like with like
 (``--sqlite-sync FULL`` or ``--pg-sync off``) when durability matters.
@@ -33,6 +42,7 @@ import argparse
 import os
 import random
 import shutil
+import sqlite3
 import tempfile
 import time
 from pathlib import Path
@@ -41,6 +51,7 @@ from typing import Any
 import psutil
 import uvloop
 
+from chatd.store import sqlite as sqlite_store
 from chatd.store.postgres import PostgresStore
 from chatd.store.sqlite import SqliteStore
 from chatd.wire import Message
@@ -109,6 +120,48 @@ async def _run_one(
     }
 
 
+async def _floor(batch: int, n: int, users: int, sync: str, drop_cid: bool) -> float:
+    """µs of CPU per message that SQLite alone takes for chatd's rows (``--floor``)."""
+    folder = Path(tempfile.mkdtemp(prefix="chatd-bench-floor-"))
+    try:
+        path = folder / "chatd.db"
+        store = await SqliteStore.open(path, synchronous=sync)
+        try:
+            uids = [await store.create_user(f"bench{i}", "x") for i in range(users)]
+        finally:
+            await store.close()
+        msgs = _messages(n, uids, batch)
+        ts = int(time.time() * 1000)
+        bits = sqlite_store.PARTITION_BITS
+        rows = [
+            (i, m.userid, m.cmd, m.dstid, i >> bits, m.media, m.content, m.pic, m.url, m.memo,
+             m.amount, m.cid, ts)
+            for i, m in enumerate(msgs, 1)
+        ]
+        db = sqlite3.connect(path, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={sync}")
+            db.execute(f"PRAGMA cache_size=-{sqlite_store.WRITER_CACHE_KIB}")
+            db.execute(f"PRAGMA wal_autocheckpoint={sqlite_store.WAL_CHECKPOINT_PAGES}")
+            if drop_cid:
+                db.execute("DROP INDEX messages_cid")
+            sql = sqlite_store.INSERT_MESSAGE_SQL
+            c0 = time.process_time()
+            for i in range(0, n, batch):
+                db.execute("BEGIN IMMEDIATE")
+                db.executemany(sql, rows[i : i + batch])
+                db.execute("COMMIT")
+            cpu = time.process_time() - c0
+            stored = db.execute("SELECT count(*) FROM messages").fetchone()[0]
+            assert stored == n, stored
+        finally:
+            db.close()
+        return 1e6 * cpu / n
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 async def _main(args: argparse.Namespace) -> None:
     batches = [int(b) for b in args.batch.split(",")]
     cluster = None
@@ -157,6 +210,13 @@ async def _main(args: argparse.Namespace) -> None:
                 f"{r['server_us']:>8.1f} {r['commits_s']:>10.0f} {r['msgs_s']:>9.0f} "
                 f"{r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f}"
             )
+            if args.floor and args.engine == "sqlite":
+                every = await _floor(batch, args.n, args.users, args.sqlite_sync, False)
+                no_cid = await _floor(batch, args.n, args.users, args.sqlite_sync, True)
+                print(
+                    f"{'':>6} floor, sqlite3 alone: {every:.1f} µs/msg; "
+                    f"without messages_cid: {no_cid:.1f}"
+                )
     finally:
         if cluster is not None:
             cluster.close()
@@ -178,6 +238,8 @@ def main() -> None:
     parser.add_argument("--pg-sync", default="on", help="synchronous_commit of the cluster")
     parser.add_argument("--dsn", help="an existing server (a database to connect to first)")
     parser.add_argument("--pg-pid", type=int, help="its postmaster's pid, to count its CPU")
+    parser.add_argument("--floor", action="store_true",
+                        help="sqlite: also SQLite alone, for the same rows and schema")
     # chatd runs on uvloop: so does the store's client side here
     uvloop.run(_main(parser.parse_args()))
 

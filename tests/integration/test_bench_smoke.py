@@ -174,3 +174,18 @@ def test_report_reads_what_a_run_wrote(tmp_path: Path) -> None:
     bound = sum(r["client_bound"] for r in runs)
     assert done.stdout.count("!! GENERATOR WAS THE LIMIT") == bound
     assert "NOT CLEAN" not in done.stdout
+
+
+def test_store_floor_stores_every_row_it_times(tmp_path: Path) -> None:
+    """``chatd_bench.stores --floor``: the store and SQLite alone, each row counted
+    (the floor asserts its count itself; a short count fails the run)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "chatd_bench.stores", "--batch", "7,50", "--n", "350",
+         "--users", "20", "--floor"],
+        capture_output=True, text=True, timeout=120 * UNIT, cwd=tmp_path, check=True,
+    ).stdout
+    floors = [line for line in out.splitlines() if "floor, sqlite3 alone" in line]
+    assert len(floors) == 2, out
+    for line in floors:
+        every, no_cid = (float(x.split()[0]) for x in line.split(":")[1:])
+        assert every > 0 and no_cid > 0, line

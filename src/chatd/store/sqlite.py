@@ -179,7 +179,8 @@ WAL_RESTART_S: Final = 2.0
 
 _MSG_COLUMNS: Final = "id, userid, cmd, dstid, media, content, pic, url, memo, amount, cid, ts"
 _M_COLUMNS: Final = ", ".join("m." + c.strip() for c in _MSG_COLUMNS.split(","))
-_INSERT_MESSAGE: Final = (
+#: one message row (its columns in this order: ``chatd_bench.stores --floor`` uses it too)
+INSERT_MESSAGE_SQL: Final = (
     "INSERT INTO messages (id, userid, cmd, dstid, p, media, content, pic, url, memo, amount, "
     "cid, ts) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
@@ -680,7 +681,7 @@ class SqliteStore:
                 )
                 outcomes.append(STORED)
             if rows:
-                db.executemany(_INSERT_MESSAGE, rows)
+                db.executemany(INSERT_MESSAGE_SQL, rows)
             db.execute("COMMIT")
         except BaseException:
             for msg in batch:
