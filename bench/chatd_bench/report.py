@@ -62,7 +62,21 @@ def table(results: list[dict[str, Any]]) -> str:
             notes.append(f"   {r['target']} {r['scenario']}: {e}")
         for w in r.get("warnings", []):
             notes.append(f"note: {r['target']} {r['scenario']}: {w}")
+    for r in results:
+        split = by_thread_line(r)
+        if split:
+            notes.append(split)
     return out + ("\n" + "\n".join(notes) if notes else "")
+
+
+def by_thread_line(r: dict[str, Any], top: int = 5) -> str | None:
+    """Where a run's server CPU went, by thread name, per unit (None for a
+    server with one busy thread: nothing to split)."""
+    split = r.get("server_cpu_us_per_unit_by_thread") or {}
+    if len(split) < 2:
+        return None
+    parts = ", ".join(f"{name} {us:.1f}" for name, us in list(split.items())[:top])
+    return f"threads: {r['target']} {r['scenario']}: {parts} µs/{r.get('unit', 'unit')}"
 
 
 #: the figures a ratio line compares

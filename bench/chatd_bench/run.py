@@ -8,6 +8,7 @@ one result dict (a JSON line; see bench/README.md for the fields).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import multiprocessing
 import resource
@@ -249,6 +250,12 @@ class _Trees:
     def rss(self) -> int:
         return sum(t.rss() for t in self.trees)
 
+    def thread_cpu_s(self) -> dict[str, float]:
+        out: collections.Counter[str] = collections.Counter()
+        for t in self.trees:
+            out.update(t.thread_cpu_s())
+        return dict(out)
+
     def fds(self) -> int:
         return sum(t.fds() for t in self.trees)
 
@@ -277,6 +284,10 @@ class _Sampler:
 
     def rss(self) -> int:
         return self.tree.rss() if self.tree else 0
+
+    def thread_cpu(self) -> dict[str, float]:
+        """CPU seconds so far of the server's threads, by name (``ProcTree``)."""
+        return self.tree.thread_cpu_s() if self.tree else {}
 
     def sample(self, ticks: dict[int, dict[str, Any]], lat: Histogram) -> dict[str, Any]:
         now = time.monotonic()
@@ -380,6 +391,14 @@ def _recv_all(pipes: list[Any], kind: str, timeout_s: float,
     return [got[i] for i in range(len(pipes))]
 
 
+def by_thread(before: dict[str, float], after: dict[str, float], units: int
+              ) -> dict[str, float]:
+    """µs of CPU per unit of each thread name between two readings, biggest
+    first; names that took nothing are left out."""
+    per = {name: 1e6 * (cpu - before.get(name, 0.0)) / units for name, cpu in after.items()}
+    return {k: round(v, 2) for k, v in sorted(per.items(), key=lambda kv: -kv[1]) if v > 0}
+
+
 def _drive(opts: Options, plan: Plan, specs: list[dict[str, Any]], target: Target,
            pipes: list[Any], label: str, quiet: bool) -> dict[str, Any]:
     _recv_all(pipes, "hello", 60)
@@ -408,6 +427,7 @@ def _drive(opts: Options, plan: Plan, specs: list[dict[str, Any]], target: Targe
     t_conn = time.monotonic_ns() + 200_000_000
     cpu_c0 = sampler.cpu()
     eng_c0 = sampler.engines_cpu()
+    threads0 = sampler.thread_cpu()
     w0 = time.monotonic()
     for p in pipes:
         p.send(("connect", t_conn))
@@ -415,6 +435,7 @@ def _drive(opts: Options, plan: Plan, specs: list[dict[str, Any]], target: Targe
     ramp_s = time.monotonic() - w0 - 0.2
     cpu_c1 = sampler.cpu()
     eng_c1 = sampler.engines_cpu()
+    threads1 = sampler.thread_cpu()
     rss1 = sampler.rss()
     hs = Histogram()
     conn_tally = Tally()
@@ -492,12 +513,14 @@ def _drive(opts: Options, plan: Plan, specs: list[dict[str, Any]], target: Targe
 
         cpu0 = sampler.cpu()
         eng0 = sampler.engines_cpu()
+        threads0 = sampler.thread_cpu()
         store0 = target.store_bytes() if target.store_bytes else 0
         # the measured window
         while time.monotonic_ns() < t_stop:
             pump(min(0.05, max(0, (t_stop - time.monotonic_ns()) / 1e9)))
         cpu1 = sampler.cpu()
         eng1 = sampler.engines_cpu()
+        threads1 = sampler.thread_cpu()
         window_s = opts.duration_s
         # the drain: until every expected copy (and ack) is in, or drain_s
         drain_end = time.monotonic() + opts.drain_s
@@ -557,6 +580,11 @@ def _drive(opts: Options, plan: Plan, specs: list[dict[str, Any]], target: Targe
         1e6 * result["server_cpu_s"] / result["units"] if result["units"] and target.pid
         else None)
     result["server_util"] = result["server_cpu_s"] / max(1e-9, result["duration_s"])
+    # where the server's CPU went, by thread name (the shards' loops, the
+    # SQLite writer, ...), per unit, over the same window
+    if result["units"] and target.pid:
+        result["server_cpu_us_per_unit_by_thread"] = by_thread(
+            threads0, threads1, result["units"])
     # the engines (nats-server, PostgreSQL) apart from chatd, per unit too; and
     # everything the server side spent, which decides who was the limit
     engines_s = result["engines_cpu_s"]

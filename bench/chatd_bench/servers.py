@@ -5,7 +5,8 @@ reads the port from its ``listening ... port=N`` log line. ``PeerServer`` runs
 one of the bare relays of ``shared/peers`` (the Node one from a temporary copy
 where ``npm ci`` has been run once). Both can be pinned with ``taskset``.
 ``ProcTree`` sums CPU seconds (user + system), RSS and open files over a
-process and all its descendants.
+process and all its descendants, and splits the CPU by thread name
+(``thread_cpu_s``: chatd names its processes and threads, ``chatd.threads``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -72,6 +74,18 @@ class ProcTree:
         self._last = now
         return self._dead_cpu + sum(now.values())
 
+    def thread_cpu_s(self) -> dict[str, float]:
+        """CPU seconds so far of the tree's live threads, summed by name (the
+        kernel's, ``/proc/PID/task/TID/comm``, with a trailing ``-N`` dropped:
+        every shard's event loop is ``chatd-shard``). Threads that exited are
+        not counted, so compare two readings of a steady server only."""
+        out: collections.Counter[str] = collections.Counter()
+        for p in self.procs():
+            with contextlib.suppress(psutil.Error, OSError):
+                for t in p.threads():
+                    out[thread_role(p.pid, t.id)] += t.user_time + t.system_time
+        return dict(out)
+
     def rss(self) -> int:
         total = 0
         for p in self.procs():
@@ -88,6 +102,15 @@ class ProcTree:
 
     def alive(self) -> bool:
         return bool(self.root.is_running() and self.root.status() != psutil.STATUS_ZOMBIE)
+
+
+def thread_role(pid: int, tid: int) -> str:
+    """A thread's kernel name without a trailing ``-N`` ("?" if unreadable)."""
+    try:
+        name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+    except OSError:
+        return "?"
+    return re.sub(r"-\d+$", "", name) or "?"
 
 
 def find_listener(port: int) -> int | None:

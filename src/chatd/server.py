@@ -45,6 +45,7 @@ from chatd.log import Log
 from chatd.shard import Shard
 from chatd.store import Store, open_configured
 from chatd.supervisor import Supervisor
+from chatd.threads import name_this_thread
 from chatd.wire import CLOSE_GOING_AWAY, CLOSE_SERVICE_RESTART
 
 log = logging.getLogger("chatd.server")
@@ -264,6 +265,7 @@ async def run_log(cfg: Config, index: int, conn: Connection) -> int:
 def log_main(cfg: Config, index: int, conn: Connection) -> None:
     """Entry point of the log child process."""
     _die_with_parent()
+    name_this_thread("chatd-log")
     setup_logging(cfg.log_level)
     raise SystemExit(uvloop.run(run_log(cfg, index, conn)))
 
@@ -354,6 +356,7 @@ async def run_shard(cfg: Config, index: int, conn: Connection) -> int:
 def shard_main(cfg: Config, index: int, conn: Connection) -> None:
     """Entry point of a shard child process."""
     _die_with_parent()
+    name_this_thread(f"chatd-shard-{index}")
     setup_logging(cfg.log_level)
     raise SystemExit(uvloop.run(run_shard(cfg, index, conn)))
 
@@ -416,6 +419,7 @@ async def run_api(cfg: Config, index: int, conn: Connection) -> int:
 def api_main(cfg: Config, index: int, conn: Connection) -> None:
     """Entry point of an API worker child process."""
     _die_with_parent()
+    name_this_thread(f"chatd-api-{index}")
     setup_logging(cfg.log_level)
     raise SystemExit(uvloop.run(run_api(cfg, index, conn)))
 

@@ -216,3 +216,49 @@ async def test_every_death_is_seen_with_more_children_than_executor_threads(
         assert await server.wait(30) == 0
     finally:
         server.kill()
+
+
+def _comm(pid: int, tid: int | None = None) -> str:
+    """The kernel's name of a process (its main thread) or of one of its threads."""
+    where = f"/proc/{pid}" + (f"/task/{tid}" if tid is not None else "")
+    try:
+        return Path(where, "comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _names(server: ServerProcess) -> dict[str, set[str]]:
+    """Each worker process's name -> the names of its threads."""
+    out: dict[str, set[str]] = {}
+    for child in _children(server):
+        try:
+            tids = [t.id for t in child.threads()]
+        except psutil.Error:
+            continue
+        out[_comm(child.pid)] = {_comm(child.pid, tid) for tid in tids}
+    return out
+
+
+async def test_each_child_and_thread_carries_its_role_in_its_name(tmp_path: Path) -> None:
+    """top -H / ps -L tell the log, the shards, the API worker and the store's
+    threads apart (the bench splits the CPU by these names)."""
+    server = ServerProcess(tmp_path / "data", "--shards", "2")
+    try:
+        await server.started()
+        expected = {"chatd-log", "chatd-shard-0", "chatd-shard-1", "chatd-api-0"}
+
+        def named() -> bool:
+            names = _names(server)
+            return expected <= names.keys() and {
+                "chatd-writer", "chatd-reader", "chatd-checkpt"} <= names["chatd-log"]
+
+        await _wait_for(named)
+        names = _names(server)
+        # a shard reads the store (replays, look-ups) and writes nothing
+        for shard in ("chatd-shard-0", "chatd-shard-1"):
+            assert "chatd-reader" in names[shard], names
+            assert "chatd-writer" not in names[shard], names
+        # no worker is left with the interpreter's name
+        assert not [n for n in names if n.startswith("python")], names
+    finally:
+        server.kill()

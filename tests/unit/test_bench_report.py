@@ -4,13 +4,19 @@ warnings, grouping, bad files; and the ``--procs`` default."""
 from __future__ import annotations
 
 import json
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 from chatd_bench import summary
 from chatd_bench.cli import _parser, _procs, default_procs, generator_cpus, report_main
-from chatd_bench.run import Options
+from chatd_bench.report import by_thread_line
+from chatd_bench.run import Options, by_thread
+from chatd_bench.servers import thread_role
+
+from chatd.threads import name_this_thread
 
 
 def _run(target: str, srv_us: float, p99: float = 5.0, rnd: int = 1,
@@ -267,3 +273,35 @@ def test_procs_flag_and_default_from_the_command_line() -> None:
     assert _procs(args, phases) == 3
     args = _parser().parse_args(["private", "--pin", "0:1-3", "--procs", "2", "--quiet"])
     assert _procs(args, phases) == 2  # given: taken as it is
+
+
+def test_the_cpu_split_by_thread_is_per_unit_biggest_first_and_drops_idle_threads() -> None:
+    split = by_thread({"chatd-shard": 1.0, "chatd-writer": 0.5, "chatd-reader": 0.2},
+                      {"chatd-shard": 1.9, "chatd-writer": 1.1, "chatd-reader": 0.2,
+                       "chatd-checkpt": 0.01}, 100_000)
+    assert split == {"chatd-shard": 9.0, "chatd-writer": 6.0, "chatd-checkpt": 0.1}
+    assert list(split) == ["chatd-shard", "chatd-writer", "chatd-checkpt"]
+    line = by_thread_line({"target": "chatd", "scenario": "private", "unit": "message",
+                           "server_cpu_us_per_unit_by_thread": split})
+    assert line == ("threads: chatd private: chatd-shard 9.0, chatd-writer 6.0, "
+                    "chatd-checkpt 0.1 µs/message")
+    # one busy thread (a bare relay): nothing to split
+    assert by_thread_line({"target": "picows", "scenario": "private",
+                           "server_cpu_us_per_unit_by_thread": {"python3": 10.0}}) is None
+
+
+def test_thread_role_drops_the_index_and_says_so_when_unreadable() -> None:
+    got: list[str] = []
+
+    def named() -> None:
+        assert name_this_thread("chatd-shard-12")
+        got.append(thread_role(os.getpid(), threading.get_native_id()))
+        # the kernel keeps 15 bytes of a name
+        assert name_this_thread("chatd-a-very-long-name")
+        got.append(thread_role(os.getpid(), threading.get_native_id()))
+
+    t = threading.Thread(target=named)
+    t.start()
+    t.join()
+    assert got == ["chatd-shard", "chatd-a-very-lo"]
+    assert thread_role(os.getpid(), 2**22 + 12345) == "?"

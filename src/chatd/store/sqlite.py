@@ -55,6 +55,7 @@ from chatd.store import (
     GroupRecord,
     UserRecord,
 )
+from chatd.threads import name_this_thread
 from chatd.wire import CMD_GROUP, CMD_PRIVATE, Message
 
 log = logging.getLogger("chatd.store")
@@ -400,6 +401,9 @@ class Checkpoints:
     starts again from its beginning instead of growing without bound.
     """
 
+    #: the thread's name, in Python and to the kernel (top -H, the bench)
+    THREAD_NAME: Final = "chatd-checkpt"
+
     def __init__(self, path: Path, busy_timeout_ms: int) -> None:
         self.path = path
         self.busy_timeout_ms = busy_timeout_ms
@@ -411,7 +415,7 @@ class Checkpoints:
         self.failures = 0
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="chatd-checkpoint", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self.THREAD_NAME, daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -421,6 +425,7 @@ class Checkpoints:
             self._thread = None
 
     def _run(self) -> None:
+        name_this_thread(self.THREAD_NAME)
         try:
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             fd = os.open(self.path, os.O_RDONLY)
@@ -512,6 +517,7 @@ class SqliteStore:
             path.parent.mkdir(parents=True, exist_ok=True)
             writer = await aiosqlite.connect(path, isolation_level=None)
             try:
+                await _in_thread(writer, _name_thread, "chatd-writer")
                 await writer.execute("PRAGMA journal_mode=WAL")
                 await writer.execute(f"PRAGMA synchronous={synchronous.upper()}")
                 await writer.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
@@ -530,6 +536,7 @@ class SqliteStore:
             raise StoreError(f"no database at {path}")
         try:
             reader = await aiosqlite.connect(path, isolation_level=None)
+            await _in_thread(reader, _name_thread, "chatd-reader")
             await reader.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
             await reader.execute("PRAGMA query_only=ON")
             point = sqlite3.connect(_read_only_uri(path), uri=True, isolation_level=None,
@@ -1012,6 +1019,12 @@ async def _in_thread(db: aiosqlite.Connection, fn: Callable[..., _T], *args: Any
 
     result: _T = await db._execute(call)  # type: ignore[no-untyped-call]
     return result
+
+
+def _name_thread(_db: sqlite3.Connection, name: str) -> None:
+    """Name a connection's thread (run in it: ``_in_thread``), for top -H and the bench."""
+    name_this_thread(name)
+    threading.current_thread().name = name
 
 
 async def _exists(db: aiosqlite.Connection, table: str, row_id: int) -> bool:
