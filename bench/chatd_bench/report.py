@@ -72,7 +72,8 @@ def table(results: list[dict[str, Any]]) -> str:
 def by_thread_line(r: dict[str, Any], top: int = 5) -> str | None:
     """Where a run's server CPU went, by thread name, per unit (None for a
     server with one busy thread: nothing to split)."""
-    split = r.get("server_cpu_us_per_unit_by_thread") or {}
+    split = {k: v for k, v in (r.get("server_cpu_us_per_unit_by_thread") or {}).items()
+             if v >= 0.05}  # what would print as 0.0 is left out
     if len(split) < 2:
         return None
     parts = ", ".join(f"{name} {us:.1f}" for name, us in list(split.items())[:top])

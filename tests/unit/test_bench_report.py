@@ -285,6 +285,10 @@ def test_the_cpu_split_by_thread_is_per_unit_biggest_first_and_drops_idle_thread
                            "server_cpu_us_per_unit_by_thread": split})
     assert line == ("threads: chatd private: chatd-shard 9.0, chatd-writer 6.0, "
                     "chatd-checkpt 0.1 µs/message")
+    # a thread that would print as 0.0 is left out of the line
+    assert by_thread_line({"target": "chatd", "scenario": "private", "unit": "message",
+                           "server_cpu_us_per_unit_by_thread": {**split, "python3": 0.01}}
+                          ) == line
     # one busy thread (a bare relay): nothing to split
     assert by_thread_line({"target": "picows", "scenario": "private",
                            "server_cpu_us_per_unit_by_thread": {"python3": 10.0}}) is None
